@@ -1,0 +1,54 @@
+# One-command set-up on a fresh machine: every target creates/reuses the virtualenv, installs,
+# builds the extension (CPU + CUDA kernels when nvcc exists) and runs.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CUDA 13 build of torch from the registry: its CUDA major matches nvcc 13 so the CUDA
+# kernels compile (torch's extension builder refuses a major-version mismatch).
+TORCH_SPEC ?= torch==2.14.1
+export CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc)))
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+export MAX_JOBS ?= 2
+CSRC := $(shell find csrc -type f) setup.py
+
+.PHONY: all demo test test-gpu bench lint format build clean
+
+all: test
+
+$(VENV)/.deps: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,demo]"
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(CSRC)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: $(VENV)/.built
+
+demo: build
+	$(VENV)/bin/fastkd demo
+
+test: build
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q -ra
+
+# The GPU suite, for a machine with a CUDA device: everything, the GPU-marked tests included.
+test-gpu: build
+	$(PY) -m pytest -q -ra -m "gpu or not gpu"
+
+bench: build
+	$(VENV)/bin/fastkd bench
+
+lint:
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format:
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+clean:
+	rm -rf build fastkd/_C*.so $(VENV)/.built

@@ -1,0 +1,31 @@
+"""fastkd: fused, exact knowledge-distillation losses for PyTorch.
+
+Losses (function and module): :func:`fkd_loss` / :class:`FKDLoss` (feature kernel
+distillation), :func:`sp_loss` / :class:`SPLoss`, :func:`rkd_distance_loss` /
+:class:`RKDDistanceLoss`. Every loss takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
+:func:`available_backends` tells what this install can run. :mod:`fastkd.reference` is the
+pure-PyTorch oracle of ``docs/SPEC.md``.
+"""
+
+from fastkd import _extension, _ops, reference  # noqa: F401  (registers the compiled ops)
+from fastkd.backends import BackendUnavailableError, available_backends, resolve_backend
+from fastkd.dual import FKDDualFunction
+from fastkd.fkd import FKDFunction, FKDLoss, fkd_loss
+from fastkd.relational import RKDDistanceLoss, SPLoss, rkd_distance_loss, sp_loss
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "FKDDualFunction",
+    "FKDFunction",
+    "FKDLoss",
+    "RKDDistanceLoss",
+    "SPLoss",
+    "available_backends",
+    "fkd_loss",
+    "reference",
+    "resolve_backend",
+    "rkd_distance_loss",
+    "sp_loss",
+]

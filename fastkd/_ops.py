@@ -1,0 +1,49 @@
+"""Python-side registrations of the compiled ``torch.ops.fastkd`` operators.
+
+For each op declared in ``csrc/ops.cpp`` this adds what C++ does not: a fake (meta) kernel so
+``torch.compile`` can trace shapes without running it, an autograd formula so the forward op is
+differentiable on its own (``torch.library.opcheck`` checks it), and the entry in the backend
+table used by :mod:`fastkd.backends` for the ``cpu`` and ``cuda`` backends.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastkd import _extension
+from fastkd.backends import register_kernels
+from fastkd.reference import loss_dtype
+
+
+def _register_fkd() -> None:
+    @torch.library.register_fake("fastkd::fkd_forward")
+    def _fkd_forward_fake(student, teachers, kd_weight, fr_weight):
+        return student.new_empty((), dtype=loss_dtype(student, *teachers))
+
+    @torch.library.register_fake("fastkd::fkd_backward")
+    def _fkd_backward_fake(grad, student, teachers, kd_weight, fr_weight, teachers_grad):
+        grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
+        return torch.empty_like(student), grad_teachers
+
+    def setup_context(ctx, inputs, output):
+        student, teachers, kd_weight, fr_weight = inputs
+        ctx.save_for_backward(student, *teachers)
+        ctx.weights = (kd_weight, fr_weight)
+
+    def backward(ctx, grad):
+        student, *teachers = ctx.saved_tensors
+        teachers_grad = bool(ctx.needs_input_grad[1])
+        grad_student, grad_teachers = torch.ops.fastkd.fkd_backward(
+            grad, student, teachers, *ctx.weights, teachers_grad
+        )
+        return grad_student, (list(grad_teachers) if teachers_grad else None), None, None
+
+    torch.library.register_autograd("fastkd::fkd_forward", backward, setup_context=setup_context)
+    for backend in ("cpu", "cuda"):
+        register_kernels(
+            "fkd", backend, torch.ops.fastkd.fkd_forward, torch.ops.fastkd.fkd_backward
+        )
+
+
+if _extension.loaded():
+    _register_fkd()

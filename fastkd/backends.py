@@ -1,0 +1,145 @@
+"""Backend selection: explicit, inspectable, never a silent fallback.
+
+Backends:
+  ``reference``  pure PyTorch (:mod:`fastkd.reference`), any device, O(B^2) memory.
+  ``cpu``        compiled C++ kernels (``fastkd._C``), CPU tensors.
+  ``cuda``       compiled CUDA kernels (``fastkd._C``), CUDA tensors.
+  ``triton``     Triton kernels (:mod:`fastkd.triton`), CUDA tensors, or CPU tensors when
+                 ``TRITON_INTERPRET=1`` was set before Triton was imported (tests).
+  ``auto``       the fastest available for the tensors' device: cuda > triton > reference on a
+                 GPU, cpu > reference on the CPU. Triton's interpreter is never chosen by auto.
+
+The ``backend`` argument of every loss wins; ``None`` means the ``FASTKD_BACKEND`` environment
+variable, and when that is unset, ``auto``. Asking for a backend that cannot run the op on the
+given device raises :class:`BackendUnavailableError` with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fastkd import _extension
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+ENV_VAR = "FASTKD_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on these tensors (the message says why)."""
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """Forward and backward entry points of one op on one fused backend."""
+
+    forward: Callable
+    backward: Callable
+
+
+_KERNELS: dict[tuple[str, str], Kernels] = {}
+
+
+def register_kernels(op: str, backend: str, forward: Callable, backward: Callable) -> None:
+    """Called by each backend module for each op it implements."""
+    _KERNELS[(op, backend)] = Kernels(forward, backward)
+
+
+def kernels(op: str, backend: str) -> Kernels:
+    return _KERNELS[(op, backend)]
+
+
+def _triton_status() -> tuple[bool, str]:
+    try:
+        importlib.import_module("fastkd.triton")
+    except Exception as exc:  # triton missing or broken
+        return False, f"Triton cannot be imported ({type(exc).__name__}: {exc})"
+    from fastkd.triton import interpreter_enabled
+
+    if torch.cuda.is_available():
+        return True, "Triton kernels on CUDA tensors"
+    if interpreter_enabled():
+        return True, "Triton interpreter (TRITON_INTERPRET=1) on CPU tensors"
+    return False, "Triton needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)"
+
+
+def _status(backend: str) -> tuple[bool, str]:
+    if backend == "reference":
+        return True, "pure PyTorch, any device"
+    if backend == "triton":
+        return _triton_status()
+    if not _extension.loaded():
+        return False, f"the compiled extension fastkd._C did not load ({_extension.LOAD_ERROR})"
+    key = backend.upper()
+    ops = sorted({op for (op, b) in _KERNELS if b == backend})
+    compiled = [op for op in ops if _extension.has_kernel(f"{op}_forward", key)]
+    if not compiled:
+        why = "" if backend == "cpu" else " (built without a CUDA toolkit: FASTKD_BUILD_CUDA=1)"
+        return False, f"no {key} kernels in fastkd._C{why}"
+    if backend == "cuda" and not torch.cuda.is_available():
+        return False, f"CUDA kernels compiled ({', '.join(compiled)}) but no CUDA device is visible"
+    return True, f"compiled {key} kernels: {', '.join(compiled)}"
+
+
+def available_backends() -> dict[str, dict[str, object]]:
+    """What this install can run: ``{backend: {"available", "detail", "ops"}}``.
+
+    ``available`` is a bool, ``detail`` the reason in words, ``ops`` the ops it implements.
+    """
+    _load_backend_modules()
+    report = {}
+    for backend in BACKENDS:
+        ok, detail = _status(backend)
+        if backend == "reference":
+            ops = sorted({op for (op, _) in _KERNELS} | {"sp", "rkd"})
+        else:
+            ops = sorted({op for (op, b) in _KERNELS if b == backend})
+        report[backend] = {"available": ok, "detail": detail, "ops": ops}
+    return report
+
+
+def _load_backend_modules() -> None:
+    importlib.import_module("fastkd._ops")
+    try:
+        importlib.import_module("fastkd.triton")
+    except Exception:  # reported by _triton_status
+        pass
+
+
+def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
+    """The backend that will run ``op`` on ``device``: validated, never a silent fallback."""
+    requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
+    requested = requested.strip().lower()
+    if requested not in BACKENDS + ("auto",):
+        source = "backend" if backend is not None else f"${ENV_VAR}"
+        raise ValueError(f"{source}={requested!r} is not one of {BACKENDS + ('auto',)}")
+    if requested == "reference":
+        return "reference"
+    _load_backend_modules()
+    if requested == "auto":
+        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        for candidate in order:
+            if (op, candidate) in _KERNELS and _status(candidate)[0]:
+                return candidate
+        return "reference"
+    if (op, requested) not in _KERNELS:
+        raise BackendUnavailableError(f"backend {requested!r} has no kernel for {op!r}")
+    ok, detail = _status(requested)
+    if not ok:
+        raise BackendUnavailableError(f"backend {requested!r} is unavailable: {detail}")
+    wanted_device = {"cpu": ("cpu",), "cuda": ("cuda",)}.get(requested)
+    if requested == "triton":
+        from fastkd.triton import interpreter_enabled
+
+        wanted_device = ("cpu",) if interpreter_enabled() else ("cuda",)
+    if device.type not in wanted_device:
+        raise BackendUnavailableError(
+            f"backend {requested!r} runs on {wanted_device[0]} tensors here, got {device.type}"
+        )
+    return requested
