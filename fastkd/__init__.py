@@ -2,9 +2,10 @@
 
 Losses (function and module): :func:`fkd_loss` / :class:`FKDLoss` (feature kernel
 distillation), :func:`sp_loss` / :class:`SPLoss`, :func:`rkd_distance_loss` /
-:class:`RKDDistanceLoss`. Every loss takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
+:class:`RKDDistanceLoss`. Each takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
 :func:`available_backends` tells what this install can run. :mod:`fastkd.reference` is the
-pure-PyTorch oracle of ``docs/SPEC.md``.
+pure-PyTorch oracle of ``docs/SPEC.md``. Self-distillation with ground-truth targets lives in
+:mod:`fastkd.selfdistill` (:class:`KernelRidgeSelfDistiller`, :func:`self_distillation_loss`).
 """
 
 from fastkd import _extension, _ops, reference  # noqa: F401  (registers the compiled ops)
@@ -12,6 +13,14 @@ from fastkd.backends import BackendUnavailableError, available_backends, resolve
 from fastkd.dual import FKDDualFunction
 from fastkd.fkd import FKDFunction, FKDLoss, fkd_loss
 from fastkd.relational import RKDDistanceLoss, SPLoss, rkd_distance_loss, sp_loss
+from fastkd.selfdistill import (
+    KernelRidgeSelfDistiller,
+    SelfDistillationLoss,
+    estimate_alpha,
+    linear_kernel,
+    rbf_kernel,
+    self_distillation_loss,
+)
 
 __version__ = "0.1.0"
 
@@ -20,12 +29,18 @@ __all__ = [
     "FKDDualFunction",
     "FKDFunction",
     "FKDLoss",
+    "KernelRidgeSelfDistiller",
     "RKDDistanceLoss",
     "SPLoss",
+    "SelfDistillationLoss",
     "available_backends",
+    "estimate_alpha",
     "fkd_loss",
+    "linear_kernel",
+    "rbf_kernel",
     "reference",
     "resolve_backend",
     "rkd_distance_loss",
+    "self_distillation_loss",
     "sp_loss",
 ]

@@ -111,7 +111,16 @@ def _load_backend_modules() -> None:
 
 
 def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that will run ``op`` on ``device``: validated, never a silent fallback."""
+    """The backend that will run ``op`` on ``device``: validated, never a silent fallback.
+
+    Under ``torch.compile`` the choice is made once at trace time and baked into the graph
+    (changing ``$FASTKD_BACKEND`` later does not recompile).
+    """
+    return _resolve(op, backend, device.type)
+
+
+@torch._dynamo.assume_constant_result
+def _resolve(op: str, backend: str | None, device_type: str) -> str:
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
@@ -123,7 +132,7 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
         return "reference"
     _load_backend_modules()
     if requested == "auto":
-        order = ("cuda", "triton") if device.type == "cuda" else ("cpu",)
+        order = ("cuda", "triton") if device_type == "cuda" else ("cpu",)
         for candidate in order:
             if (op, candidate) in _KERNELS and _status(candidate)[0]:
                 return candidate
@@ -138,8 +147,8 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
         from fastkd.triton import interpreter_enabled
 
         wanted_device = ("cpu",) if interpreter_enabled() else ("cuda",)
-    if device.type not in wanted_device:
+    if device_type not in wanted_device:
         raise BackendUnavailableError(
-            f"backend {requested!r} runs on {wanted_device[0]} tensors here, got {device.type}"
+            f"backend {requested!r} runs on {wanted_device[0]} tensors here, got {device_type}"
         )
     return requested

@@ -1,0 +1,40 @@
+"""SP and RKD-distance through the public API (reference backend) and their bad-input errors."""
+
+import pytest
+import torch
+
+import fastkd
+from fastkd import reference
+
+
+def test_sp_and_rkd_match_reference_with_gradients():
+    torch.manual_seed(1)
+    s = torch.randn(17, 3, 4, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(17, 7, dtype=torch.float64)
+    for fn, mod, ref in [
+        (fastkd.sp_loss, fastkd.SPLoss(), reference.sp_loss),
+        (fastkd.rkd_distance_loss, fastkd.RKDDistanceLoss(), reference.rkd_distance_loss),
+    ]:
+        got = fn(s, t)
+        want = ref(s, t)
+        assert got.item() == want.item() == mod(s, t).item()
+        (g,) = torch.autograd.grad(got, s)
+        (w,) = torch.autograd.grad(want, s)
+        torch.testing.assert_close(g, w, rtol=0, atol=0)
+    small = s[:5, 0].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda x: fastkd.rkd_distance_loss(x, t[:5]), (small,))
+    assert torch.autograd.gradcheck(lambda x: fastkd.sp_loss(x, t[:5]), (small,))
+
+
+@pytest.mark.parametrize("fn", [fastkd.sp_loss, fastkd.rkd_distance_loss])
+def test_relational_bad_input(fn):
+    with pytest.raises(ValueError, match="at least 2"):
+        fn(torch.randn(1, 3), torch.randn(1, 3))
+    with pytest.raises(ValueError, match="batch size"):
+        fn(torch.randn(3, 3), torch.randn(4, 3))
+    with pytest.raises(ValueError, match="feature dimension"):
+        fn(torch.randn(3), torch.randn(3))
+    with pytest.raises(TypeError, match="teacher"):
+        fn(torch.randn(3, 2), [1, 2, 3])
+    with pytest.raises(TypeError, match="float"):
+        fn(torch.randn(3, 2), torch.ones(3, 2, dtype=torch.int32))
