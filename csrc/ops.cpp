@@ -12,6 +12,10 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "fkd_backward(Tensor grad, Tensor student, Tensor[] teachers, float kd_weight, "
       "float fr_weight, bool teachers_grad) -> (Tensor grad_student, Tensor[] grad_teachers)");
+  // Loss and its gradients (for grad = 1) in one pass; optional per backend.
+  m.def(
+      "fkd_forward_backward(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight, "
+      "bool teachers_grad) -> (Tensor loss, Tensor grad_student, Tensor[] grad_teachers)");
 }
 
 // `import fastkd._C` loads this shared object, which runs the registrations above; the Python

@@ -25,6 +25,12 @@ def _register_fkd() -> None:
         grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
         return torch.empty_like(student), grad_teachers
 
+    @torch.library.register_fake("fastkd::fkd_forward_backward")
+    def _fkd_forward_backward_fake(student, teachers, kd_weight, fr_weight, teachers_grad):
+        loss = student.new_empty((), dtype=loss_dtype(student, *teachers))
+        grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
+        return loss, torch.empty_like(student), grad_teachers
+
     def setup_context(ctx, inputs, output):
         student, teachers, kd_weight, fr_weight = inputs
         ctx.save_for_backward(student, *teachers)
@@ -40,8 +46,13 @@ def _register_fkd() -> None:
 
     torch.library.register_autograd("fastkd::fkd_forward", backward, setup_context=setup_context)
     for backend in ("cpu", "cuda"):
+        fused = _extension.has_kernel("fkd_forward_backward", backend.upper())
         register_kernels(
-            "fkd", backend, torch.ops.fastkd.fkd_forward, torch.ops.fastkd.fkd_backward
+            "fkd",
+            backend,
+            torch.ops.fastkd.fkd_forward,
+            torch.ops.fastkd.fkd_backward,
+            torch.ops.fastkd.fkd_forward_backward if fused else None,
         )
 
 

@@ -35,18 +35,29 @@ class BackendUnavailableError(RuntimeError):
 
 @dataclass(frozen=True)
 class Kernels:
-    """Forward and backward entry points of one op on one fused backend."""
+    """Entry points of one op on one fused backend.
+
+    ``forward_backward`` (optional) returns the loss and its gradients in one pass; autograd
+    Functions use it when the inputs require grad, so a training step sweeps the data once.
+    """
 
     forward: Callable
     backward: Callable
+    forward_backward: Callable | None = None
 
 
 _KERNELS: dict[tuple[str, str], Kernels] = {}
 
 
-def register_kernels(op: str, backend: str, forward: Callable, backward: Callable) -> None:
+def register_kernels(
+    op: str,
+    backend: str,
+    forward: Callable,
+    backward: Callable,
+    forward_backward: Callable | None = None,
+) -> None:
     """Called by each backend module for each op it implements."""
-    _KERNELS[(op, backend)] = Kernels(forward, backward)
+    _KERNELS[(op, backend)] = Kernels(forward, backward, forward_backward)
 
 
 def kernels(op: str, backend: str) -> Kernels:

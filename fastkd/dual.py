@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from fastkd.reference import NORM_EPS, loss_dtype
 
@@ -60,23 +61,24 @@ class FKDDualFunction(torch.autograd.Function):
         loss = kd_weight * total.clamp_min(0.0) / (b * b)
         if fr_weight != 0.0:
             loss = loss + fr_weight * student.to(torch.float64).square().sum() / (b * ds)
-        ctx.save_for_backward(student, *teachers)
+        # The D x D products are all the backward pass needs besides the inputs: keep them.
+        ctx.save_for_backward(student, gram_s, cross, gram_t, *teachers)
         ctx.weights = (kd_weight, fr_weight)
         return loss.to(out_dtype)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        student, *teachers = ctx.saved_tensors
+        student, gram_s, cross, gram_t, *teachers = ctx.saved_tensors
         kd_weight, fr_weight = ctx.weights
         b, ds = student.shape
         g = grad.to(torch.float64)
         a, inv_s = normalize_rows(student, torch.float64)
         t, inv_t = _teacher_matrix(teachers, torch.float64)
-        cross = a.T @ t  # Ds x Dt
         scale = g * kd_weight * 4.0 / (b * b)
         grad_student = None
         if ctx.needs_input_grad[2]:
-            grad_a = scale * (a @ (a.T @ a) - t @ cross.T)
+            grad_a = scale * (a @ gram_s - t @ cross.T)
             grad_student = normalize_backward(grad_a, a, inv_s)
             if fr_weight != 0.0:
                 grad_student = grad_student + g * fr_weight * 2.0 * student.to(torch.float64) / (
@@ -87,7 +89,7 @@ class FKDDualFunction(torch.autograd.Function):
         if any(ctx.needs_input_grad[3:]):
             # dL/dThat_e = -(4/B^2)/sqrt(E) * (A (A^T T) - T (T^T T))[:, cols of e]
             e_count = len(teachers)
-            grad_t = -scale / math.sqrt(e_count) * (a @ cross - t @ (t.T @ t))
+            grad_t = -scale / math.sqrt(e_count) * (a @ cross - t @ gram_t)
             col = 0
             for e, te in enumerate(teachers):
                 width = te.shape[1]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastkd import reference
 from fastkd._validate import check_features, check_finite_number, check_teachers
@@ -34,27 +35,45 @@ class FKDFunction(torch.autograd.Function):
 
     ``apply(backend, kd_weight, fr_weight, student, *teachers)``: ``backend`` is "cpu", "cuda"
     or "triton"; student (B, Ds) and teachers (B, Dt_e) contiguous, any floating dtype.
-    Returns the 0-dim loss in float32 (float64 if any input is float64). The backward pass
-    recomputes the kernel tiles instead of storing a B x B matrix.
+    Returns the 0-dim loss in float32 (float64 if any input is float64). When an input requires
+    grad and the backend has a forward-backward kernel, the forward pass computes the gradients
+    in the same sweep and the backward pass only scales them (one pass over the kernels per
+    training step instead of two); otherwise the backward pass recomputes the kernel tiles.
+    Either way no B x B matrix is stored.
     """
 
     @staticmethod
     def forward(ctx, backend: str, kd_weight: float, fr_weight: float, student, *teachers):
+        ops = kernels("fkd", backend)
         ctx.backend = backend
         ctx.weights = (kd_weight, fr_weight)
+        ctx.num_teachers = len(teachers)
+        ctx.teachers_grad = any(ctx.needs_input_grad[4:])
+        ctx.fused = ops.forward_backward is not None and any(ctx.needs_input_grad[3:])
+        if ctx.fused:
+            loss, grad_student, grad_teachers = ops.forward_backward(
+                student, list(teachers), kd_weight, fr_weight, ctx.teachers_grad
+            )
+            ctx.save_for_backward(grad_student, *grad_teachers)
+            return loss
         ctx.save_for_backward(student, *teachers)
-        return kernels("fkd", backend).forward(student, list(teachers), kd_weight, fr_weight)
+        return ops.forward(student, list(teachers), kd_weight, fr_weight)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
-        student, *teachers = ctx.saved_tensors
-        teachers_grad = any(ctx.needs_input_grad[4:])
-        grad_student, grad_teachers = kernels("fkd", ctx.backend).backward(
-            grad, student, teachers, *ctx.weights, teachers_grad
-        )
+        if ctx.fused:
+            grad_student, *grad_teachers = ctx.saved_tensors
+            grad_student = grad_student * grad.to(grad_student.dtype)
+            grad_teachers = [g * grad.to(g.dtype) for g in grad_teachers]
+        else:
+            student, *teachers = ctx.saved_tensors
+            grad_student, grad_teachers = kernels("fkd", ctx.backend).backward(
+                grad, student, teachers, *ctx.weights, ctx.teachers_grad
+            )
         if not ctx.needs_input_grad[3]:
             grad_student = None
-        grads = list(grad_teachers) if teachers_grad else [None] * len(teachers)
+        grads = list(grad_teachers) if ctx.teachers_grad else [None] * ctx.num_teachers
         return None, None, None, grad_student, *grads
 
 

@@ -156,6 +156,33 @@ def test_opcheck_compiled_ops():
         torch.library.opcheck(
             torch.ops.fastkd.fkd_backward, (grad, s.detach(), ts, 0.5, 0.25, teachers_grad)
         )
+        torch.library.opcheck(
+            torch.ops.fastkd.fkd_forward_backward, (s.detach(), ts, 0.5, 0.25, teachers_grad)
+        )
+
+
+def test_forward_backward_op_equals_forward_then_backward():
+    torch.manual_seed(13)
+    s = torch.randn(300, 9, dtype=torch.float64)
+    ts = [torch.randn(300, 4, dtype=torch.float64), torch.randn(300, 11, dtype=torch.float64)]
+    loss, gs, gts = torch.ops.fastkd.fkd_forward_backward(s, ts, 0.6, 0.3, True)
+    want_gs, want_gts = torch.ops.fastkd.fkd_backward(
+        torch.tensor(1.0, dtype=torch.float64), s, ts, 0.6, 0.3, True
+    )
+    torch.testing.assert_close(loss, torch.ops.fastkd.fkd_forward(s, ts, 0.6, 0.3))
+    torch.testing.assert_close(gs, want_gs)
+    for g, w in zip(gts, want_gts, strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_second_derivatives_are_refused_not_silently_wrong():
+    s = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(5, 2, dtype=torch.float64)
+    for algorithm in ALGORITHMS:
+        loss = fastkd.fkd_loss(s, t, backend="cpu", algorithm=algorithm)
+        (g,) = torch.autograd.grad(loss, s, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+            g.sum().backward()
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])

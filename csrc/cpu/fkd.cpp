@@ -1,9 +1,10 @@
 // FKD (SPEC §1) on the CPU: tiled kernel-space algorithm, O(B*D) extra memory.
 //
-// The B x B kernels are never formed: tile (I, J) of rho_S and rho_T is computed into a
-// per-thread tile buffer by a BLAS GEMM on row blocks, consumed, and dropped. The forward pass
-// visits only J >= I (both kernels are symmetric); each tile's partial sum lands in its own slot
-// and the slots are added in a fixed order, so the result does not depend on the thread count.
+// The B x B kernels are never formed: a row block's tiles of rho_S and rho_T are computed
+// into two fixed-size scratch panels by BLAS GEMMs, consumed, and dropped. Only the upper
+// triangle is visited (both kernels are symmetric), for the value and for the gradient alike.
+// Three ops share one sweep: the forward (value), the backward (gradients) and the
+// forward-backward (both, one pass: what a training step needs).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -16,7 +17,8 @@
 namespace fastkd {
 namespace {
 
-constexpr int64_t kTile = 256;  // rows per block: two 256x256 fp32 tiles fit in L2
+constexpr int64_t kTile = 256;    // rows per block
+constexpr int64_t kPanel = 2048;  // columns per panel: GEMMs big enough for BLAS threading
 
 at::ScalarType acc_type_of(const at::Tensor& student, at::TensorList teachers) {
   bool any_double = student.scalar_type() == at::kDouble;
@@ -106,47 +108,88 @@ double mean_square(const at::Tensor& x_acc) {
   return total / (double(B) * double(D));
 }
 
+// One sweep over the upper triangle of the kernels, row block by row block. For row block I
+// the tiles J >= I are formed a column panel at a time by two GEMMs (student and teacher), so
+// the scratch memory is two kTile x kPanel panels whatever B is. In the panel the difference
+// rho_S - rho_T is formed once and used for everything asked:
+//   value:  sum of squares, weight 1 in the diagonal block and 2 elsewhere (symmetry);
+//   grads:  acc_I += D_IJ X_J and, for J != I, acc_J += D_IJ^T X_I, where X is the normalised
+//           student (acc_s) or teacher matrix (acc_t): each off-diagonal tile serves both rows.
+// Row blocks run in order and BLAS parallelises inside each GEMM, so no two threads ever
+// write the same accumulator row and the result does not depend on scheduling.
+template <typename acc_t>
+double kernel_difference_sweep(const Normalized& n, bool want_value, at::Tensor* acc_student,
+                               at::Tensor* acc_teacher) {
+  const int64_t B = n.student.size(0);
+  const auto opts = n.student.options();
+  at::Tensor s_panel = at::empty({kTile, std::min(kPanel, B)}, opts);
+  at::Tensor t_panel = at::empty({kTile, std::min(kPanel, B)}, opts);
+  const int64_t ld = s_panel.size(1);
+  std::vector<double> row_sums(want_value ? B : 0, 0.0);
+  if (acc_student) acc_student->zero_();
+  if (acc_teacher) acc_teacher->zero_();
+  for (int64_t i0 = 0; i0 < B; i0 += kTile) {
+    const int64_t ni = std::min(kTile, B - i0);
+    const at::Tensor a_i = n.student.narrow(0, i0, ni);
+    const at::Tensor t_i = n.teachers.narrow(0, i0, ni);
+    for (int64_t c0 = i0; c0 < B; c0 += ld) {
+      const int64_t nc = std::min(ld, B - c0);
+      const int64_t diag_end = std::max<int64_t>(i0 + ni - c0, 0);  // columns in block I
+      at::Tensor s = s_panel.narrow(0, 0, ni).narrow(1, 0, nc);
+      at::Tensor t = t_panel.narrow(0, 0, ni).narrow(1, 0, nc);
+      const at::Tensor a_c = n.student.narrow(0, c0, nc);
+      const at::Tensor t_c = n.teachers.narrow(0, c0, nc);
+      at::mm_out(s, a_i, a_c.t());
+      at::mm_out(t, t_i, t_c.t());
+      acc_t* sp = s_panel.data_ptr<acc_t>();
+      const acc_t* tp = t_panel.data_ptr<acc_t>();
+      const bool keep_difference = acc_student || acc_teacher;
+      at::parallel_for(0, ni, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t r = begin; r < end; ++r) {
+          acc_t* srow = sp + r * ld;
+          const acc_t* trow = tp + r * ld;
+          if (want_value) {
+            acc_t diag = 0, off = 0;
+            for (int64_t c = 0; c < diag_end; ++c)
+              diag += fkd::squared_difference<acc_t>(srow[c], trow[c]);
+            for (int64_t c = diag_end; c < nc; ++c)
+              off += fkd::squared_difference<acc_t>(srow[c], trow[c]);
+            row_sums[i0 + r] += fkd::tile_weight<double>(0, 0) * diag +
+                                fkd::tile_weight<double>(0, 1) * off;
+          }
+          if (keep_difference)
+            for (int64_t c = 0; c < nc; ++c) srow[c] -= trow[c];
+        }
+      });
+      if (!keep_difference) continue;
+      for (auto [acc, x] : {std::pair{acc_student, &n.student}, std::pair{acc_teacher, &n.teachers}}) {
+        if (!acc) continue;
+        acc->narrow(0, i0, ni).addmm_(s, x->narrow(0, c0, nc));
+        if (nc > diag_end) {
+          acc->narrow(0, c0 + diag_end, nc - diag_end)
+              .addmm_(s.narrow(1, diag_end, nc - diag_end).t(), x->narrow(0, i0, ni));
+        }
+      }
+    }
+  }
+  double total = 0;
+  for (double v : row_sums) total += v;
+  return total;
+}
+
+template <typename acc_t>
+double feature_regulariser(const at::Tensor& student, double fr_weight, at::ScalarType acc) {
+  return fr_weight == 0.0 ? 0.0 : fr_weight * mean_square<acc_t>(student.to(acc).contiguous());
+}
+
 template <typename acc_t>
 at::Tensor fkd_forward_impl(const at::Tensor& student, at::TensorList teachers, double kd_weight,
                             double fr_weight, at::ScalarType acc) {
   const int64_t B = student.size(0);
   const Normalized n = normalize_inputs<acc_t>(student, teachers, acc);
-  const int64_t nb = (B + kTile - 1) / kTile;
-  std::vector<std::pair<int64_t, int64_t>> tiles;
-  for (int64_t I = 0; I < nb; ++I)
-    for (int64_t J = I; J < nb; ++J) tiles.emplace_back(I, J);
-  std::vector<double> partial(tiles.size(), 0.0);
-
-  at::parallel_for(0, static_cast<int64_t>(tiles.size()), 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_tile = at::empty({kTile, kTile}, n.student.options());
-    at::Tensor t_tile = at::empty({kTile, kTile}, n.student.options());
-    for (int64_t k = begin; k < end; ++k) {
-      const auto [I, J] = tiles[k];
-      const int64_t i0 = I * kTile, ni = std::min(kTile, B - i0);
-      const int64_t j0 = J * kTile, nj = std::min(kTile, B - j0);
-      at::Tensor s = s_tile.narrow(0, 0, ni).narrow(1, 0, nj);
-      at::Tensor t = t_tile.narrow(0, 0, ni).narrow(1, 0, nj);
-      at::mm_out(s, n.student.narrow(0, i0, ni), n.student.narrow(0, j0, nj).t());
-      at::mm_out(t, n.teachers.narrow(0, i0, ni), n.teachers.narrow(0, j0, nj).t());
-      const acc_t* sp = s_tile.data_ptr<acc_t>();
-      const acc_t* tp = t_tile.data_ptr<acc_t>();
-      double sum = 0;
-      for (int64_t r = 0; r < ni; ++r) {
-        acc_t row_sum = 0;
-        for (int64_t c = 0; c < nj; ++c)
-          row_sum += fkd::squared_difference<acc_t>(sp[r * kTile + c], tp[r * kTile + c]);
-        sum += row_sum;
-      }
-      partial[k] = fkd::tile_weight<double>(I, J) * sum;
-    }
-  });
-  double distil = 0;
-  for (double v : partial) distil += v;
-  distil /= double(B) * double(B);
-  double loss = kd_weight * distil;
-  if (fr_weight != 0.0) {
-    loss += fr_weight * mean_square<acc_t>(student.to(acc).contiguous());
-  }
+  const double distil = kernel_difference_sweep<acc_t>(n, true, nullptr, nullptr);
+  const double loss = kd_weight * distil / (double(B) * double(B)) +
+                      feature_regulariser<acc_t>(student, fr_weight, acc);
   return at::scalar_tensor(loss, student.options().dtype(acc));
 }
 
@@ -178,43 +221,27 @@ void normalize_backward_rows(const at::Tensor& acc_rows, const at::Tensor& norma
   });
 }
 
+// Gradients of the loss scaled by `grad_scale`; with value != nullptr the loss too, from the
+// same sweep (the forward-backward op: one pass instead of two in a training step).
 template <typename acc_t>
-std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_backward_impl(
-    const at::Tensor& grad, const at::Tensor& student, at::TensorList teachers, double kd_weight,
-    double fr_weight, bool teachers_grad, at::ScalarType acc) {
+std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_grad_impl(
+    double grad_scale, const at::Tensor& student, at::TensorList teachers, double kd_weight,
+    double fr_weight, bool teachers_grad, at::ScalarType acc, double* value) {
   const int64_t B = student.size(0), Ds = student.size(1);
   const Normalized n = normalize_inputs<acc_t>(student, teachers, acc);
   const int64_t Dt = n.teachers.size(1);
-  const int64_t nb = (B + kTile - 1) / kTile;
-  // acc_s = (rho_S - rho_T) A, acc_t = (rho_S - rho_T) T, built one row block at a time.
+  const bool want_value = value != nullptr;
+  // acc_s = (rho_S - rho_T) A and acc_teach = (rho_S - rho_T) T.
   at::Tensor acc_s = at::empty({B, Ds}, n.student.options());
   at::Tensor acc_teach = teachers_grad ? at::empty({B, Dt}, n.student.options()) : at::Tensor();
+  const double distil = kernel_difference_sweep<acc_t>(n, want_value, &acc_s,
+                                                       teachers_grad ? &acc_teach : nullptr);
+  if (value) {
+    *value = kd_weight * distil / (double(B) * double(B)) +
+             feature_regulariser<acc_t>(student, fr_weight, acc);
+  }
 
-  at::parallel_for(0, nb, 1, [&](int64_t begin, int64_t end) {
-    at::Tensor s_tile = at::empty({kTile, kTile}, n.student.options());
-    at::Tensor t_tile = at::empty({kTile, kTile}, n.student.options());
-    for (int64_t I = begin; I < end; ++I) {
-      const int64_t i0 = I * kTile, ni = std::min(kTile, B - i0);
-      at::Tensor out_s = acc_s.narrow(0, i0, ni);
-      out_s.zero_();
-      at::Tensor out_t = teachers_grad ? acc_teach.narrow(0, i0, ni) : at::Tensor();
-      if (teachers_grad) out_t.zero_();
-      for (int64_t J = 0; J < nb; ++J) {
-        const int64_t j0 = J * kTile, nj = std::min(kTile, B - j0);
-        at::Tensor s = s_tile.narrow(0, 0, ni).narrow(1, 0, nj);
-        at::Tensor t = t_tile.narrow(0, 0, ni).narrow(1, 0, nj);
-        const at::Tensor a_j = n.student.narrow(0, j0, nj);
-        const at::Tensor t_j = n.teachers.narrow(0, j0, nj);
-        at::mm_out(s, n.student.narrow(0, i0, ni), a_j.t());
-        at::mm_out(t, n.teachers.narrow(0, i0, ni), t_j.t());
-        s.sub_(t);  // the difference tile rho_S - rho_T
-        out_s.addmm_(s, a_j);
-        if (teachers_grad) out_t.addmm_(s, t_j);
-      }
-    }
-  });
-
-  const acc_t g = static_cast<acc_t>(grad.item<double>());
+  const acc_t g = static_cast<acc_t>(grad_scale);
   const acc_t kd_scale = g * static_cast<acc_t>(kd_weight) * fkd::kernel_grad_scale<acc_t>(B);
   at::Tensor student_acc = student.to(acc).contiguous();
   at::Tensor grad_student = at::empty({B, Ds}, n.student.options());
@@ -253,9 +280,27 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_backward_cpu(
     double fr_weight, bool teachers_grad) {
   check_inputs(student, teachers);
   const at::ScalarType acc = acc_type_of(student, teachers);
+  const double g = grad.item<double>();
   if (acc == at::kDouble)
-    return fkd_backward_impl<double>(grad, student, teachers, kd_weight, fr_weight, teachers_grad, acc);
-  return fkd_backward_impl<float>(grad, student, teachers, kd_weight, fr_weight, teachers_grad, acc);
+    return fkd_grad_impl<double>(g, student, teachers, kd_weight, fr_weight, teachers_grad, acc,
+                                 nullptr);
+  return fkd_grad_impl<float>(g, student, teachers, kd_weight, fr_weight, teachers_grad, acc,
+                              nullptr);
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fkd_forward_backward_cpu(
+    const at::Tensor& student, at::TensorList teachers, double kd_weight, double fr_weight,
+    bool teachers_grad) {
+  check_inputs(student, teachers);
+  const at::ScalarType acc = acc_type_of(student, teachers);
+  double value = 0;
+  auto [grad_student, grad_teachers] =
+      acc == at::kDouble
+          ? fkd_grad_impl<double>(1.0, student, teachers, kd_weight, fr_weight, teachers_grad,
+                                  acc, &value)
+          : fkd_grad_impl<float>(1.0, student, teachers, kd_weight, fr_weight, teachers_grad, acc,
+                                 &value);
+  return {at::scalar_tensor(value, student.options().dtype(acc)), grad_student, grad_teachers};
 }
 
 }  // namespace
@@ -263,6 +308,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_backward_cpu(
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
   m.impl("fkd_forward", &fkd_forward_cpu);
   m.impl("fkd_backward", &fkd_backward_cpu);
+  m.impl("fkd_forward_backward", &fkd_forward_backward_cpu);
 }
 
 }  // namespace fastkd
