@@ -1,8 +1,16 @@
 """Relational losses in their peers' conventions (SPEC §2): SP (Tung & Mori 2019) and RKD
 distance (Park et al. 2019), as in RepDistiller / torchdistill.
 
-They run on the reference backend (eager PyTorch); asking for a fused backend raises
-:class:`fastkd.BackendUnavailableError` until kernels for them land.
+They have no compiled kernels: the only backend is ``reference`` (eager PyTorch, any device) and
+asking for a fused backend raises :class:`fastkd.BackendUnavailableError`. SP has a second exact
+formulation, ``algorithm="dual"``, in feature space (O(B D^2) time, O(D^2) extra memory instead
+of two B x B matrices):
+
+    ||G_i||^2 = f_i^T (F^T F) f_i,    sum_j Gt_ij Gs_ij = ft_i^T (Ft^T Fs) fs_i
+
+so ``B^2 loss = sum_i [|Gt_i|^2/nt_i^2 + |Gs_i|^2/ns_i^2 - 2 ft_i^T C fs_i / (nt_i ns_i)]`` with
+C = Ft^T Fs and n the clamped row norms. The terms cancel when student and teacher agree, so it
+runs in float64; autograd differentiates it.
 """
 
 from __future__ import annotations
@@ -36,13 +44,47 @@ def _checked(student, teacher, op: str, backend: str | None):
     resolve_backend(op, backend, student.device)
 
 
-def sp_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str | None = None):
+SP_ALGORITHMS = ("auto", "explicit", "dual")
+
+
+def _sp_dual(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    fs = student.flatten(1).to(torch.float64)
+    ft = teacher.flatten(1).to(torch.float64)
+    eps_sq = reference.NORM_EPS**2
+
+    def row_norms_sq(f):  # ||(F F^T)_i||^2 = f_i^T (F^T F) f_i, clamped like F.normalize
+        return ((f @ (f.T @ f)) * f).sum(1).clamp_min(eps_sq)
+
+    qs, qt = row_norms_sq(fs), row_norms_sq(ft)
+    cross = ((ft @ (ft.T @ fs)) * fs).sum(1)  # sum_j Gt_ij Gs_ij
+    raw_s = ((fs @ (fs.T @ fs)) * fs).sum(1)  # unclamped: a zero row contributes 0, not 1
+    raw_t = ((ft @ (ft.T @ ft)) * ft).sum(1)
+    total = raw_s / qs + raw_t / qt - 2.0 * cross / (qs * qt).sqrt()
+    b = fs.shape[0]
+    return (total.sum().clamp_min(0.0) / (b * b)).to(reference.loss_dtype(student, teacher))
+
+
+def sp_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str | None = None,
+    algorithm: str = "auto",
+):
     """Similarity-preserving loss. student (B, ...), teacher (B, ...) (flattened to (B, D)).
 
     ``G = F F^T``, rows L2-normalised; ``loss = (1/B^2) sum (G_T - G_S)^2`` (0-dim, float32 or
-    float64).
+    float64). ``algorithm``: "explicit" forms the two B x B Grams (the reference), "dual" works
+    in feature space (see the module docstring), "auto" picks dual when B >= 2 (Ds + Dt).
     """
     _checked(student, teacher, "sp", backend)
+    if algorithm not in SP_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {SP_ALGORITHMS}, got {algorithm!r}")
+    if algorithm == "auto":
+        widths = student[0].numel() + teacher[0].numel()
+        algorithm = "dual" if student.shape[0] >= 2 * widths else "explicit"
+    if algorithm == "dual":
+        return _sp_dual(student, teacher)
     return reference.sp_loss(student, teacher)
 
 
@@ -59,12 +101,15 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: 
 class SPLoss(nn.Module):
     """Module form of :func:`sp_loss`."""
 
-    def __init__(self, *, backend: str | None = None):
+    def __init__(self, *, backend: str | None = None, algorithm: str = "auto"):
         super().__init__()
+        if algorithm not in SP_ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {SP_ALGORITHMS}, got {algorithm!r}")
         self.backend = backend
+        self.algorithm = algorithm
 
     def forward(self, student, teacher):
-        return sp_loss(student, teacher, backend=self.backend)
+        return sp_loss(student, teacher, backend=self.backend, algorithm=self.algorithm)
 
 
 class RKDDistanceLoss(nn.Module):
