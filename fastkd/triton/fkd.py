@@ -1,0 +1,563 @@
+"""FKD (SPEC §1) in Triton: tiled kernel-space forward and backward, O(B*D) memory.
+
+Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake kernels)::
+
+    fastkd_triton::fkd_forward(student, teachers, kd_weight, fr_weight, deterministic=None)
+        -> loss                                 # 0-dim
+    fastkd_triton::fkd_backward(grad, student, teachers, kd_weight, fr_weight, teachers_grad,
+        deterministic=None) -> (grad_student, grad_teachers)
+
+student (B, Ds), teachers a list of E tensors (B, Dt_e); float16/bfloat16/float32/float64, any
+strides (no copies are made). The loss is float32, float64 if any input is float64; gradients
+come back in each input's dtype, ``grad_teachers`` is ``[]`` unless ``teachers_grad``.
+Registered as the ``triton`` backend of the ``fkd`` op of :mod:`fastkd.backends`.
+
+Algorithm (names as in SPEC §1, A = normalize(student), That_e = normalize(teacher_e)):
+
+* Row norms: one small kernel per input writes 1 / max(||x_i||, eps) (and, for the student,
+  ||x_i||^2 for the feature regulariser).
+* Forward: program (I, J), J >= I, forms the tile of rho_S - rho_T for row blocks I and J with
+  ``tl.dot`` over BLOCK_K chunks of the *raw* features, scaled afterwards by the inverse norms
+  (rho_ij = (x_i . x_j) inv_i inv_j: 16-bit inputs go to the tensor cores unmodified, products
+  are exact in the fp32 accumulator). The squared difference is summed, weighted 2 off the
+  diagonal and 1 on it; padding rows have inverse norm 0 and so contribute nothing.
+* Backward: program (I, c) owns rows I and output columns c (BLOCK_DO wide) of one gradient.
+  It loops over all column blocks J, recomputes the difference tile and accumulates
+  acc = sum_J diff_IJ A_J[:, c] plus the row dot r_i = sum_j diff_ij K_ij, K the kernel of the
+  tensor being differentiated (r_i = G_i . A_i / scale, so the chain rule through normalize()
+  needs no other program's columns). Then
+  d x_i[c] = scale (acc_i - r_i A_i[c]) inv_i (+ 2 fr_weight x_i[c] / (B Ds) for the student),
+  scale = grad * kd_weight * 4 / B^2 (times -1/E for a teacher).
+
+Feature-width tiling trade-off: the accumulator is BLOCK_M x BLOCK_DO in registers, so a
+gradient wider than BLOCK_DO (128 on GPU) is split over ceil(D / BLOCK_DO) programs per row
+block, each recomputing the difference tiles: backward cost ~ B^2 (ceil(D/BLOCK_DO) (Ds + Dt) + D)
+instead of B^2 (Ds + Dt + D). For D <= 128 there is no recomputation; for D = 512 it is ~3x
+the ideal flops. The alternative (difference tiles of a panel of rows written to an O(rows * B)
+workspace, then a GEMM) trades that for extra memory traffic and is not implemented.
+
+Ensembles: teachers are passed to the kernels as a tuple (the kernels are specialised, loops
+unrolled, per ensemble size and dtypes; no concatenated copy). At most ``MAX_TEACHER_SLOTS``
+slots: beyond that, the remaining teachers are normalised and concatenated into one extra slot
+(O(B * sum Dt) memory), whose kernel tile is the sum of theirs. A teacher whose gradient is
+computed always gets its own slot.
+
+Determinism: by default the forward writes one partial sum per tile and ``torch.sum`` reduces
+them in a fixed order, so two runs give bit-identical losses. ``deterministic=False`` (argument
+of the ops, or the module-level ``DETERMINISTIC``) accumulates with atomics instead, whose
+order varies. The backward has no cross-program reduction and is always deterministic.
+
+Precision: accumulation in float32 (float64 if any input is float64: every input is then
+upcast to float64 and ``tl.dot`` runs in float64). float32 dots use TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is True (never in the interpreter). In the backward
+the difference tile and the normalised column tile are rounded to the input dtype for 16-bit
+inputs (tensor cores), which costs about one rounding of that dtype on the gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastkd._validate import check_features, check_teachers
+from fastkd.backends import register_kernels
+from fastkd.reference import NORM_EPS, loss_dtype
+from fastkd.triton import interpreter_enabled
+
+# Teacher tuple slots compiled into one kernel; further teachers share a concatenated slot.
+MAX_TEACHER_SLOTS = 8
+# Default for the ``deterministic`` argument of the ops when it is None.
+DETERMINISTIC = True
+
+_TL_DTYPES = {
+    torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16,
+    torch.float32: tl.float32,
+    torch.float64: tl.float64,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _mma(a, b, acc, PRECISION: tl.constexpr):
+    """acc + a @ b. The TF32/IEEE choice only means something for 32/64-bit operands."""
+    if a.dtype == tl.float16 or a.dtype == tl.bfloat16:
+        acc = tl.dot(a, b, acc)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _row_norm_kernel(
+    x_ptr,
+    stride_r,
+    stride_c,
+    B,
+    D,
+    inv_ptr,
+    sumsq_ptr,
+    eps,
+    WRITE_SUMSQ: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ACC: tl.constexpr,
+):
+    """inv[i] = 1 / max(||x_i||, eps) and optionally sumsq[i] = ||x_i||^2, in ACC."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = rows < B
+    base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
+    acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
+    for k in range(0, D, BLOCK_D):
+        cols = k + tl.arange(0, BLOCK_D)
+        mask = rmask[:, None] & (cols < D)[None, :]
+        x = tl.load(base + cols[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+        acc += x * x
+    sumsq = tl.sum(acc, axis=1)
+    if ACC == tl.float64:
+        inv = 1.0 / tl.maximum(tl.sqrt(sumsq), eps)
+    else:  # correctly rounded, as torch computes it
+        inv = tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sumsq), eps))
+    tl.store(inv_ptr + rows, inv, mask=rmask)
+    if WRITE_SUMSQ:
+        tl.store(sumsq_ptr + rows, sumsq, mask=rmask)
+
+
+@triton.jit
+def _kernel_tile(
+    x_ptr,
+    stride_r,
+    stride_c,
+    D,
+    inv_ptr,
+    rows_i,
+    rows_j,
+    mask_i,
+    mask_j,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Tile (rows_i, rows_j) of normalize(x) normalize(x)^T; 0 on padding rows/columns."""
+    base_i = x_ptr + rows_i.to(tl.int64)[:, None] * stride_r
+    base_j = x_ptr + rows_j.to(tl.int64)[:, None] * stride_r
+    gram = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k in range(0, D, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        cmask = (cols < D)[None, :]
+        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
+        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
+        gram = _mma(a, tl.trans(b), gram, PRECISION)
+    inv_i = tl.load(inv_ptr + rows_i, mask=mask_i, other=0.0)
+    inv_j = tl.load(inv_ptr + rows_j, mask=mask_j, other=0.0)
+    return gram * inv_i[:, None] * inv_j[None, :]
+
+
+@triton.jit
+def _fkd_forward_kernel(
+    s_ptr,
+    s_stride_r,
+    s_stride_c,
+    s_width,
+    t_ptrs,
+    t_strides_r,
+    t_strides_c,
+    t_widths,
+    inv_ptr,
+    out_ptr,
+    B,
+    t_weight,
+    NUM_T: tl.constexpr,
+    ATOMIC: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (I, J): w_IJ * sum over the tile of (rho_S - rho_T)^2, w = 2 if J > I, 1 if
+    J == I, nothing if J < I. ``inv_ptr`` holds (1 + NUM_T) rows of B inverse norms (student
+    first). Writes out[I * nb + J], or atomically adds into out[0] when ATOMIC."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_j >= pid_i:
+        rows_i = pid_i * BLOCK + tl.arange(0, BLOCK)
+        rows_j = pid_j * BLOCK + tl.arange(0, BLOCK)
+        mask_i = rows_i < B
+        mask_j = rows_j < B
+        diff = _kernel_tile(
+            s_ptr, s_stride_r, s_stride_c, s_width, inv_ptr, rows_i, rows_j, mask_i, mask_j,
+            BLOCK, BLOCK, BLOCK_K, ACC, PRECISION,
+        )  # fmt: skip
+        for e in tl.static_range(NUM_T):
+            rho_e = _kernel_tile(
+                t_ptrs[e], t_strides_r[e], t_strides_c[e], t_widths[e], inv_ptr + (e + 1) * B,
+                rows_i, rows_j, mask_i, mask_j, BLOCK, BLOCK, BLOCK_K, ACC, PRECISION,
+            )  # fmt: skip
+            diff -= t_weight * rho_e
+        total = tl.sum(diff * diff)
+        total = total * (1.0 + (pid_j > pid_i).to(ACC))  # the (J, I) tile is the transpose
+        if ATOMIC:
+            tl.atomic_add(out_ptr, total)
+        else:
+            tl.store(out_ptr + pid_i * tl.num_programs(1) + pid_j, total)
+
+
+@triton.jit
+def _fkd_backward_kernel(
+    s_ptr,
+    s_stride_r,
+    s_stride_c,
+    s_width,
+    t_ptrs,
+    t_strides_r,
+    t_strides_c,
+    t_widths,
+    inv_ptr,
+    B,
+    t_weight,
+    y_ptr,
+    y_stride_r,
+    y_stride_c,
+    y_width,
+    y_inv_ptr,
+    out_ptr,
+    out_stride_r,
+    out_stride_c,
+    grad_ptr,
+    kd_scale,
+    fr_scale,
+    NUM_T: tl.constexpr,
+    TARGET: tl.constexpr,
+    HAS_FR: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (I, c): rows I, columns c of the gradient of y, the student (TARGET = 0) or the
+    teacher in slot TARGET - 1 (its kernel, not the mean, enters the row dot).
+
+    out = grad * kd_scale * (sum_J D_IJ Y_J - r (.) Y_I) * inv_I (+ grad * fr_scale * y if
+    HAS_FR), with D = rho_S - rho_T, Y = normalize(y), r_i = sum_j D_ij K_ij.
+    """
+    pid_i = tl.program_id(0)
+    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_i = rows_i < B
+    cols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    cmask = (cols < y_width)[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
+    row_dot = tl.zeros((BLOCK_M,), ACC)
+    for j0 in range(0, B, BLOCK_N):
+        rows_j = j0 + tl.arange(0, BLOCK_N)
+        mask_j = rows_j < B
+        rho = _kernel_tile(
+            s_ptr, s_stride_r, s_stride_c, s_width, inv_ptr, rows_i, rows_j, mask_i, mask_j,
+            BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+        )  # fmt: skip
+        diff = rho
+        own = rho
+        for e in tl.static_range(NUM_T):
+            rho_e = _kernel_tile(
+                t_ptrs[e], t_strides_r[e], t_strides_c[e], t_widths[e], inv_ptr + (e + 1) * B,
+                rows_i, rows_j, mask_i, mask_j, BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+            )  # fmt: skip
+            diff -= t_weight * rho_e
+            if e + 1 == TARGET:
+                own = rho_e
+        row_dot += tl.sum(diff * own, axis=1)
+        y_j = tl.load(
+            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + cols[None, :] * y_stride_c,
+            mask=mask_j[:, None] & cmask,
+            other=0.0,
+        )
+        inv_j = tl.load(y_inv_ptr + rows_j, mask=mask_j, other=0.0)
+        # Both dot operands in y's dtype: tensor cores for 16-bit inputs, a no-op otherwise.
+        a_j = (y_j.to(ACC) * inv_j[:, None]).to(y_j.dtype)
+        acc = _mma(diff.to(y_j.dtype), a_j, acc, PRECISION)
+    g = tl.load(grad_ptr).to(ACC)
+    mask = mask_i[:, None] & cmask
+    row_off = rows_i.to(tl.int64)[:, None]
+    y_i = tl.load(y_ptr + row_off * y_stride_r + cols[None, :] * y_stride_c, mask=mask, other=0.0)
+    y_i = y_i.to(ACC)
+    inv_i = tl.load(y_inv_ptr + rows_i, mask=mask_i, other=0.0)
+    out = (g * kd_scale) * (acc - row_dot[:, None] * (y_i * inv_i[:, None])) * inv_i[:, None]
+    if HAS_FR:
+        out += (g * fr_scale) * y_i
+    out_ptrs = out_ptr + row_off * out_stride_r + cols[None, :] * out_stride_c
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(int(n), 1))
+
+
+def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: bool) -> dict:
+    """Block sizes: a fixed heuristic (no autotuning, so results never depend on timing).
+
+    ``widths`` are the feature widths of all inputs, ``dtype`` the widest input dtype. GPU
+    (checked with ptxas for sm_90: no register spills for 16-bit inputs, a few bytes for fp32):
+    forward tiles BLOCK x BLOCK = 64 x 64, backward tiles BLOCK x BLOCK_N = 64 x 32 with a
+    64 x BLOCK_DO = 64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for
+    fp64), 8 warps. Small problems shrink the blocks to the next power of two, never below 16
+    (the tl.dot minimum). The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
+    != BLOCK, so that small test shapes cover several row blocks, K chunks and output chunks.
+    """
+    if interpret:
+        return {"BLOCK": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32, "num_warps": 1}
+    block = min(64, max(16, _pow2(batch)))
+    block_k = 16 if dtype == torch.float64 else 32
+    return {
+        "BLOCK": block,
+        "BLOCK_N": min(32, block),
+        "BLOCK_K": min(block_k, max(16, _pow2(max(widths)))),
+        "BLOCK_DO": 64 if dtype == torch.float64 else 128,  # fp64 accumulators: half the width
+        "num_warps": 8,
+    }
+
+
+def _check_device(student: Tensor) -> bool:
+    """Raise unless Triton can run on the inputs' device; return whether it interprets."""
+    interpret = interpreter_enabled()
+    expected = "cpu" if interpret else "cuda"
+    if student.device.type != expected:
+        how = "CPU tensors (TRITON_INTERPRET=1)" if interpret else "CUDA tensors"
+        raise ValueError(f"student is on {student.device}, but the Triton backend runs on {how}")
+    return interpret
+
+
+def _check_inputs(student, teachers) -> tuple[list[Tensor], bool]:
+    check_features(student, "student")
+    teachers = check_teachers(teachers, student, min_batch=1)
+    interpret = _check_device(student)
+    if interpret:  # numpy has no bfloat16: the interpreter would compute garbage
+        for name, x in [("student", student)] + [
+            (f"teacher[{i}]", t) for i, t in enumerate(teachers)
+        ]:
+            if x.dtype == torch.bfloat16:
+                raise TypeError(f"{name} is bfloat16, which the Triton interpreter cannot compute")
+    return teachers, interpret
+
+
+class _Problem:
+    """Inputs in compute form, inverse row norms and launch settings, shared by both passes."""
+
+    def __init__(self, student: Tensor, teachers: list[Tensor], interpret: bool):
+        self.out_dtype = loss_dtype(student, *teachers)
+        if self.out_dtype == torch.float64:  # fp64 dots need fp64 on both operands
+            student = student.to(torch.float64)
+            teachers = [t.to(torch.float64) for t in teachers]
+        self.acc = self.out_dtype
+        self.student, self.teachers = student, teachers
+        self.batch = student.shape[0]
+        self.interpret = interpret
+        widths = [student.shape[1]] + [t.shape[1] for t in teachers]
+        dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
+        self.cfg = block_config(self.batch, widths, dtype, interpret)
+        tf32 = not interpret and self.acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        self.precision = "tf32" if tf32 else "ieee"
+        self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)
+        self.inv_student = self._inv_norm(student, self.sumsq)
+        self.inv_teachers = [self._inv_norm(t) for t in teachers]
+
+    def _inv_norm(self, x: Tensor, sumsq: Tensor | None = None) -> Tensor:
+        inv = torch.empty(self.batch, dtype=self.acc, device=x.device)
+        block_r = 16
+        block_d = 16 if self.interpret else min(128, _pow2(x.shape[1]))
+        _row_norm_kernel[(triton.cdiv(self.batch, block_r),)](
+            x, x.stride(0), x.stride(1), self.batch, x.shape[1], inv,
+            inv if sumsq is None else sumsq, NORM_EPS,
+            WRITE_SUMSQ=sumsq is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+            ACC=_TL_DTYPES[self.acc],
+        )  # fmt: skip
+        return inv
+
+    def slots(self, first: int | None = None) -> tuple[list[Tensor], Tensor]:
+        """Teacher slots (teacher ``first`` in slot 0 if given) and the (1 + S, B) inverse
+        norms, student first. Teachers past MAX_TEACHER_SLOTS - 1 share one concatenated slot
+        of normalised rows (inverse norm 1)."""
+        order = list(range(len(self.teachers)))
+        if first is not None:
+            order.remove(first)
+            order.insert(0, first)
+        direct = order if len(order) <= MAX_TEACHER_SLOTS else order[: MAX_TEACHER_SLOTS - 1]
+        tensors = [self.teachers[e] for e in direct]
+        invs = [self.inv_student] + [self.inv_teachers[e] for e in direct]
+        rest = order[len(direct) :]
+        if rest:
+            tensors.append(
+                torch.cat(
+                    [self.teachers[e].to(self.acc) * self.inv_teachers[e][:, None] for e in rest],
+                    dim=1,
+                )
+            )
+            invs.append(torch.ones_like(self.inv_student))
+        return tensors, torch.stack(invs)
+
+    def common_args(self, slots: list[Tensor], inv: Tensor) -> tuple:
+        s = self.student
+        return (
+            s, s.stride(0), s.stride(1), s.shape[1],
+            tuple(slots), tuple(t.stride(0) for t in slots), tuple(t.stride(1) for t in slots),
+            tuple(t.shape[1] for t in slots), inv,
+        )  # fmt: skip
+
+    def forward(self, deterministic: bool) -> Tensor:
+        """sum_ij (rho_S - rho_T)_ij^2 in the accumulation dtype (0-dim)."""
+        slots, inv = self.slots()
+        nb = triton.cdiv(self.batch, self.cfg["BLOCK"])
+        out = torch.zeros(nb * nb if deterministic else 1, dtype=self.acc, device=inv.device)
+        _fkd_forward_kernel[(nb, nb)](
+            *self.common_args(slots, inv), out, self.batch, 1.0 / len(self.teachers),
+            NUM_T=len(slots), ATOMIC=not deterministic, BLOCK=self.cfg["BLOCK"],
+            BLOCK_K=self.cfg["BLOCK_K"], ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
+            num_warps=self.cfg["num_warps"],
+        )  # fmt: skip
+        return out.sum()
+
+    def gradient(
+        self, target: int | None, grad: Tensor, kd_weight: float, fr_weight: float, dtype
+    ) -> Tensor:
+        """Gradient of the student (target None) or of teacher ``target``, in ``dtype``."""
+        b = self.batch
+        kd_scale = kd_weight * 4.0 / (b * b)
+        if target is None:
+            slots, inv = self.slots()
+            y, y_inv, which = self.student, inv[0], 0
+            fr_scale = 2.0 * fr_weight / self.student.numel()
+        else:
+            slots, inv = self.slots(first=target)
+            y, y_inv, which, fr_scale = self.teachers[target], inv[1], 1, 0.0
+            kd_scale = -kd_scale / len(self.teachers)
+        out = torch.empty(y.shape, dtype=dtype, device=y.device)
+        cfg = self.cfg
+        block_do = min(cfg["BLOCK_DO"], max(16, _pow2(y.shape[1])))
+        grid = (triton.cdiv(b, cfg["BLOCK"]), triton.cdiv(y.shape[1], block_do))
+        _fkd_backward_kernel[grid](
+            *self.common_args(slots, inv), b, 1.0 / len(self.teachers),
+            y, y.stride(0), y.stride(1), y.shape[1], y_inv, out, out.stride(0), out.stride(1),
+            grad, kd_scale, fr_scale,
+            NUM_T=len(slots), TARGET=which, HAS_FR=fr_scale != 0.0, BLOCK_M=cfg["BLOCK"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=block_do,
+            ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
+            num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastkd_triton::fkd_forward", mutates_args=())
+def fkd_forward(
+    student: Tensor,
+    teachers: list[Tensor],
+    kd_weight: float,
+    fr_weight: float,
+    deterministic: bool | None = None,
+) -> Tensor:
+    """FKD loss (SPEC §1) by the Triton kernels; see the module docstring.
+
+    student (B, Ds), teachers E tensors (B, Dt_e); float16/bfloat16/float32/float64, any
+    strides. Returns the 0-dim ``kd_weight * mean (rho_S - rho_T)^2 + fr_weight * mean(fs^2)``
+    in float32 (float64 if any input is float64). ``deterministic=None`` reads the module's
+    ``DETERMINISTIC``; False sums the tile partials with atomics (run-to-run bit differences).
+    """
+    teachers, interpret = _check_inputs(student, teachers)
+    if deterministic is None:
+        deterministic = DETERMINISTIC
+    problem = _Problem(student, teachers, interpret)
+    b, ds = student.shape
+    loss = problem.forward(bool(deterministic)) * (kd_weight / (b * b))
+    if fr_weight != 0.0:
+        loss = loss + problem.sumsq.sum() * (fr_weight / (b * ds))
+    return loss.to(problem.out_dtype)
+
+
+@fkd_forward.register_fake
+def _fkd_forward_fake(student, teachers, kd_weight, fr_weight, deterministic=None):
+    return student.new_empty((), dtype=loss_dtype(student, *teachers))
+
+
+@torch.library.custom_op("fastkd_triton::fkd_backward", mutates_args=())
+def fkd_backward(
+    grad: Tensor,
+    student: Tensor,
+    teachers: list[Tensor],
+    kd_weight: float,
+    fr_weight: float,
+    teachers_grad: bool,
+    deterministic: bool | None = None,
+) -> tuple[Tensor, list[Tensor]]:
+    """Gradients of :func:`fkd_forward` times ``grad`` (0-dim, the loss's gradient).
+
+    Returns (grad_student (B, Ds) in student's dtype, [grad_teacher_e (B, Dt_e) in each
+    teacher's dtype] if ``teachers_grad`` else []). Always deterministic (``deterministic`` is
+    accepted for symmetry with the forward op). ``grad`` is read on the device: no host sync.
+    """
+    teachers, interpret = _check_inputs(student, teachers)
+    if not isinstance(grad, Tensor) or grad.numel() != 1:
+        raise ValueError(f"grad must be a one-element tensor, got {getattr(grad, 'shape', grad)}")
+    if grad.device != student.device:
+        raise ValueError(f"grad is on {grad.device} but student is on {student.device}")
+    problem = _Problem(student, teachers, interpret)
+    grad = grad.to(problem.acc).reshape(())
+    grad_student = problem.gradient(None, grad, kd_weight, fr_weight, student.dtype)
+    grad_teachers = []
+    if teachers_grad:
+        grad_teachers = [
+            problem.gradient(e, grad, kd_weight, fr_weight, t.dtype) for e, t in enumerate(teachers)
+        ]
+    return grad_student, grad_teachers
+
+
+@fkd_backward.register_fake
+def _fkd_backward_fake(
+    grad, student, teachers, kd_weight, fr_weight, teachers_grad, deterministic=None
+):
+    grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
+    return torch.empty_like(student), grad_teachers
+
+
+def _setup_context(ctx, inputs, output):
+    student, teachers, kd_weight, fr_weight, _ = inputs
+    ctx.save_for_backward(student, *teachers)
+    ctx.weights = (kd_weight, fr_weight)
+
+
+def _backward(ctx, grad):
+    student, *teachers = ctx.saved_tensors
+    # needs_input_grad holds one bool per teacher for the list argument.
+    need = ctx.needs_input_grad[1]
+    need = list(need) if isinstance(need, (list, tuple)) else [bool(need)] * len(teachers)
+    teachers_grad = any(need)
+    grad_student, grad_teachers = fkd_backward(grad, student, teachers, *ctx.weights, teachers_grad)
+    if not ctx.needs_input_grad[0]:
+        grad_student = None
+    grads = [None] * len(teachers)  # the list argument needs a list of the same length back
+    if teachers_grad:
+        grads = [g if n else None for g, n in zip(grad_teachers, need, strict=True)]
+    return (grad_student, grads) + (None,) * (len(ctx.needs_input_grad) - 2)
+
+
+fkd_forward.register_autograd(_backward, setup_context=_setup_context)
+
+register_kernels(
+    "fkd", "triton", torch.ops.fastkd_triton.fkd_forward, torch.ops.fastkd_triton.fkd_backward
+)
