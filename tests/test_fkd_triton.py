@@ -149,6 +149,23 @@ def test_backward_op_convention():
         assert_close(g, ref, 1e-5)
 
 
+@pytest.mark.parametrize("teachers_grad", [False, True])
+def test_forward_backward_op(teachers_grad):
+    torch.manual_seed(15)
+    student = features(33, 20)
+    teachers = [features(33, 9), features(33, 40)]
+    loss, gs, gt = ops.fkd_forward_backward(student, teachers, 0.6, 0.3, teachers_grad)
+    ref_loss, ref_gs, ref_gt = reference_fkd(student, teachers, 0.6, 0.3)
+    assert loss.dtype == torch.float32 and loss.shape == ()
+    assert_close(loss, ref_loss, 1e-5)
+    assert_close(gs, ref_gs, 1e-5)
+    assert len(gt) == (2 if teachers_grad else 0)
+    for g, ref in zip(gt, ref_gt[: len(gt)], strict=True):
+        assert_close(g, ref, 1e-5)
+    again = ops.fkd_forward_backward(student, teachers, 0.6, 0.3, teachers_grad)
+    assert torch.equal(loss, again[0]) and torch.equal(gs, again[1])
+
+
 def test_zero_rows():
     # normalize() maps a zero row to zeros (rho_ii = 0) and its gradient is g / eps (~1e12 g).
     torch.manual_seed(6)
@@ -165,6 +182,15 @@ def test_zero_rows():
     zero[[0, 17]] = True
     assert_close(grads[id(student)][zero], ref_gs[zero], 1e-5)
     assert_close(grads[id(student)][~zero], ref_gs[~zero], 1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's, in the interpreter
+def test_non_finite_features_propagate():
+    student, teacher = features(17, 5), features(17, 3)
+    for bad in (float("nan"), float("inf")):
+        student[4, 1] = bad
+        assert torch.isnan(reference.fkd_loss(student, teacher, 1.0, 0.1))
+        assert torch.isnan(ops.fkd_forward(student, [teacher], 1.0, 0.1))
 
 
 def test_strided_inputs_without_copies():
@@ -207,6 +233,9 @@ def test_public_api():
     (gs,) = torch.autograd.grad(loss, student)
     assert_close(loss.detach(), ref_loss, 1e-5)
     assert_close(gs, ref_gs, 1e-5)
+    with torch.no_grad():  # no input requires grad: the plain forward op, not the fused one
+        loss = fastkd.fkd_loss(student, teachers, 0.9, 0.2, backend="triton", algorithm="tiled")
+    assert_close(loss, ref_loss, 1e-5)
     module = fastkd.FKDLoss(0.9, 0.2, backend="triton", algorithm="tiled")
     assert_close(module(student, teachers).detach(), ref_loss, 1e-5)
     loss = fastkd.FKDFunction.apply("triton", 0.9, 0.2, student, *teachers)
@@ -222,9 +251,12 @@ def test_opcheck():
     teachers = [features(3, 5), features(3, 2, requires_grad=True)]
     torch.library.opcheck(ops.fkd_forward, (student, teachers, 1.0, 0.5))
     grad = torch.tensor(1.5, device=DEVICE)
+    detached = [t.detach() for t in teachers]
     for teachers_grad in (False, True):
-        args = (grad, student.detach(), [t.detach() for t in teachers], 1.0, 0.5, teachers_grad)
+        args = (grad, student.detach(), detached, 1.0, 0.5, teachers_grad)
         torch.library.opcheck(ops.fkd_backward, args)
+        args = (student.detach(), detached, 1.0, 0.5, teachers_grad)
+        torch.library.opcheck(ops.fkd_forward_backward, args)
 
 
 def test_torch_compile_fullgraph():
@@ -242,6 +274,19 @@ def test_torch_compile_fullgraph():
     assert_close(loss.detach(), 2.0 * ref_loss + 1.0, 1e-5)
     assert_close(gs, ref_gs, 1e-5)
 
+    # A training step through the public API (FKDFunction and the fused op) in one graph.
+    layer = torch.nn.Linear(4, 6).to(DEVICE)
+    x, teachers = features(5, 4), [teacher, features(5, 2)]
+
+    def step(x):
+        return fastkd.fkd_loss(layer(x), teachers, 1.0, 0.1, backend="triton", algorithm="tiled")
+
+    loss = torch.compile(step, fullgraph=True, backend="aot_eager")(x)
+    (gw,) = torch.autograd.grad(loss, layer.weight)
+    ref_loss, ref_gs, _ = reference_fkd(layer(x), teachers, 1.0, 0.1)
+    assert_close(loss.detach(), ref_loss, 1e-5)
+    assert_close(gw, ref_gs.float().T @ x, 1e-5)
+
 
 def test_bad_input():
     s, t = features(4, 3), features(4, 5)
@@ -255,6 +300,8 @@ def test_bad_input():
         ops.fkd_forward(s, [], 1.0, 0.0)
     with pytest.raises(ValueError, match="teacher\\[1\\]"):
         ops.fkd_forward(s, [t, t[:, :0]], 1.0, 0.0)
+    with pytest.raises(ValueError, match="kd_weight"):
+        ops.fkd_forward(s, [t], float("nan"), 0.0)
     with pytest.raises(ValueError, match="grad"):
         ops.fkd_backward(torch.ones(2, device=DEVICE), s, [t], 1.0, 0.0, False)
     if INTERPRET:

@@ -6,10 +6,13 @@ Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake ker
         -> loss                                 # 0-dim
     fastkd_triton::fkd_backward(grad, student, teachers, kd_weight, fr_weight, teachers_grad,
         deterministic=None) -> (grad_student, grad_teachers)
+    fastkd_triton::fkd_forward_backward(student, teachers, kd_weight, fr_weight, teachers_grad)
+        -> (loss, grad_student, grad_teachers)     # one sweep: the training-step path
 
 student (B, Ds), teachers a list of E tensors (B, Dt_e); float16/bfloat16/float32/float64, any
-strides (no copies are made). The loss is float32, float64 if any input is float64; gradients
-come back in each input's dtype, ``grad_teachers`` is ``[]`` unless ``teachers_grad``.
+strides (read in place; only a float64 call copies the other inputs to float64). The loss is
+float32, float64 if any input is float64; gradients come back in each input's dtype,
+``grad_teachers`` is ``[]`` unless ``teachers_grad``.
 Registered as the ``triton`` backend of the ``fkd`` op of :mod:`fastkd.backends`.
 
 Algorithm (names as in SPEC §1, A = normalize(student), That_e = normalize(teacher_e)):
@@ -28,13 +31,16 @@ Algorithm (names as in SPEC §1, A = normalize(student), That_e = normalize(teac
   needs no other program's columns). Then
   d x_i[c] = scale (acc_i - r_i A_i[c]) inv_i (+ 2 fr_weight x_i[c] / (B Ds) for the student),
   scale = grad * kd_weight * 4 / B^2 (times -1/E for a teacher).
+* Forward-backward: the student-gradient kernel above also sums diff^2 per row block (over
+  all J, so no symmetry weights), which gives the loss without the forward pass.
 
 Feature-width tiling trade-off: the accumulator is BLOCK_M x BLOCK_DO in registers, so a
-gradient wider than BLOCK_DO (128 on GPU) is split over ceil(D / BLOCK_DO) programs per row
-block, each recomputing the difference tiles: backward cost ~ B^2 (ceil(D/BLOCK_DO) (Ds + Dt) + D)
-instead of B^2 (Ds + Dt + D). For D <= 128 there is no recomputation; for D = 512 it is ~3x
-the ideal flops. The alternative (difference tiles of a panel of rows written to an O(rows * B)
-workspace, then a GEMM) trades that for extra memory traffic and is not implemented.
+gradient wider than BLOCK_DO (128 on GPU, 64 for float64) is split over ceil(D / BLOCK_DO)
+programs per row block, each recomputing the difference tiles: backward cost
+~ B^2 (ceil(D/BLOCK_DO) (Ds + Dt) + D) instead of B^2 (Ds + Dt + D). For D <= 128 there is
+no recomputation; for Ds = Dt = 512 it is ~3x the ideal flops. The alternative (difference
+tiles of a panel of rows written to an O(rows * B) workspace, then a GEMM) would trade that
+for extra memory traffic; it is not implemented.
 
 Ensembles: teachers are passed to the kernels as a tuple (the kernels are specialised, loops
 unrolled, per ensemble size and dtypes; no concatenated copy). At most ``MAX_TEACHER_SLOTS``
@@ -61,7 +67,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastkd._validate import check_features, check_teachers
+from fastkd._validate import check_features, check_finite_number, check_teachers
 from fastkd.backends import register_kernels
 from fastkd.reference import NORM_EPS, loss_dtype
 from fastkd.triton import interpreter_enabled
@@ -234,9 +240,11 @@ def _fkd_backward_kernel(
     grad_ptr,
     kd_scale,
     fr_scale,
+    loss_ptr,
     NUM_T: tl.constexpr,
     TARGET: tl.constexpr,
     HAS_FR: tl.constexpr,
+    LOSS: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -248,7 +256,8 @@ def _fkd_backward_kernel(
     teacher in slot TARGET - 1 (its kernel, not the mean, enters the row dot).
 
     out = grad * kd_scale * (sum_J D_IJ Y_J - r (.) Y_I) * inv_I (+ grad * fr_scale * y if
-    HAS_FR), with D = rho_S - rho_T, Y = normalize(y), r_i = sum_j D_ij K_ij.
+    HAS_FR), with D = rho_S - rho_T, Y = normalize(y), r_i = sum_j D_ij K_ij. With LOSS, the
+    programs of column chunk 0 also write sum over rows I, all columns of D^2 to loss_ptr[I].
     """
     pid_i = tl.program_id(0)
     rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -257,6 +266,7 @@ def _fkd_backward_kernel(
     cmask = (cols < y_width)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
     row_dot = tl.zeros((BLOCK_M,), ACC)
+    sq_rows = tl.zeros((BLOCK_M,), ACC)
     for j0 in range(0, B, BLOCK_N):
         rows_j = j0 + tl.arange(0, BLOCK_N)
         mask_j = rows_j < B
@@ -275,6 +285,8 @@ def _fkd_backward_kernel(
             if e + 1 == TARGET:
                 own = rho_e
         row_dot += tl.sum(diff * own, axis=1)
+        if LOSS:
+            sq_rows += tl.sum(diff * diff, axis=1)
         y_j = tl.load(
             y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + cols[None, :] * y_stride_c,
             mask=mask_j[:, None] & cmask,
@@ -295,6 +307,9 @@ def _fkd_backward_kernel(
         out += (g * fr_scale) * y_i
     out_ptrs = out_ptr + row_off * out_stride_r + cols[None, :] * out_stride_c
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    if LOSS:
+        if tl.program_id(1) == 0:
+            tl.store(loss_ptr + pid_i, tl.sum(sq_rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -340,8 +355,10 @@ def _check_device(student: Tensor) -> bool:
     return interpret
 
 
-def _check_inputs(student, teachers) -> tuple[list[Tensor], bool]:
+def _check_inputs(student, teachers, kd_weight, fr_weight) -> tuple[list[Tensor], bool]:
     check_features(student, "student")
+    check_finite_number(kd_weight, "kd_weight")
+    check_finite_number(fr_weight, "fr_weight")
     teachers = check_teachers(teachers, student, min_batch=1)
     interpret = _check_device(student)
     if interpret:  # numpy has no bfloat16: the interpreter would compute garbage
@@ -430,9 +447,18 @@ class _Problem:
         return out.sum()
 
     def gradient(
-        self, target: int | None, grad: Tensor, kd_weight: float, fr_weight: float, dtype
+        self,
+        target: int | None,
+        grad: Tensor,
+        kd_weight: float,
+        fr_weight: float,
+        dtype: torch.dtype,
+        loss_partials: Tensor | None = None,
     ) -> Tensor:
-        """Gradient of the student (target None) or of teacher ``target``, in ``dtype``."""
+        """Gradient of the student (target None) or of teacher ``target``, in ``dtype``.
+
+        If ``loss_partials`` (one entry per row block) is given, it receives the row blocks'
+        sums of (rho_S - rho_T)^2 as a by-product."""
         b = self.batch
         kd_scale = kd_weight * 4.0 / (b * b)
         if target is None:
@@ -450,8 +476,9 @@ class _Problem:
         _fkd_backward_kernel[grid](
             *self.common_args(slots, inv), b, 1.0 / len(self.teachers),
             y, y.stride(0), y.stride(1), y.shape[1], y_inv, out, out.stride(0), out.stride(1),
-            grad, kd_scale, fr_scale,
-            NUM_T=len(slots), TARGET=which, HAS_FR=fr_scale != 0.0, BLOCK_M=cfg["BLOCK"],
+            grad, kd_scale, fr_scale, out if loss_partials is None else loss_partials,
+            NUM_T=len(slots), TARGET=which, HAS_FR=fr_scale != 0.0,
+            LOSS=loss_partials is not None, BLOCK_M=cfg["BLOCK"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=block_do,
             ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
             num_warps=cfg["num_warps"],
@@ -479,7 +506,7 @@ def fkd_forward(
     in float32 (float64 if any input is float64). ``deterministic=None`` reads the module's
     ``DETERMINISTIC``; False sums the tile partials with atomics (run-to-run bit differences).
     """
-    teachers, interpret = _check_inputs(student, teachers)
+    teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
     if deterministic is None:
         deterministic = DETERMINISTIC
     problem = _Problem(student, teachers, interpret)
@@ -511,7 +538,7 @@ def fkd_backward(
     teacher's dtype] if ``teachers_grad`` else []). Always deterministic (``deterministic`` is
     accepted for symmetry with the forward op). ``grad`` is read on the device: no host sync.
     """
-    teachers, interpret = _check_inputs(student, teachers)
+    teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
     if not isinstance(grad, Tensor) or grad.numel() != 1:
         raise ValueError(f"grad must be a one-element tensor, got {getattr(grad, 'shape', grad)}")
     if grad.device != student.device:
@@ -533,6 +560,47 @@ def _fkd_backward_fake(
 ):
     grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
     return torch.empty_like(student), grad_teachers
+
+
+@torch.library.custom_op("fastkd_triton::fkd_forward_backward", mutates_args=())
+def fkd_forward_backward(
+    student: Tensor,
+    teachers: list[Tensor],
+    kd_weight: float,
+    fr_weight: float,
+    teachers_grad: bool,
+) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """Loss and its gradients (for a unit upstream gradient) in one sweep over the tiles.
+
+    The student-gradient kernel also sums the squared difference tiles of each row block, so a
+    training step skips the forward pass: (loss, grad_student, [grad_teacher_e] if
+    ``teachers_grad`` else []), dtypes as :func:`fkd_forward` and :func:`fkd_backward`.
+    Deterministic (per-row-block partials summed in a fixed order).
+    """
+    teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
+    problem = _Problem(student, teachers, interpret)
+    b, ds = student.shape
+    one = torch.ones((), dtype=problem.acc, device=student.device)
+    partials = torch.empty(
+        triton.cdiv(b, problem.cfg["BLOCK"]), dtype=problem.acc, device=one.device
+    )
+    grad_student = problem.gradient(None, one, kd_weight, fr_weight, student.dtype, partials)
+    loss = partials.sum() * (kd_weight / (b * b))
+    if fr_weight != 0.0:
+        loss = loss + problem.sumsq.sum() * (fr_weight / (b * ds))
+    grad_teachers = []
+    if teachers_grad:
+        grad_teachers = [
+            problem.gradient(e, one, kd_weight, fr_weight, t.dtype) for e, t in enumerate(teachers)
+        ]
+    return loss.to(problem.out_dtype), grad_student, grad_teachers
+
+
+@fkd_forward_backward.register_fake
+def _fkd_forward_backward_fake(student, teachers, kd_weight, fr_weight, teachers_grad):
+    loss = student.new_empty((), dtype=loss_dtype(student, *teachers))
+    grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
+    return loss, torch.empty_like(student), grad_teachers
 
 
 def _setup_context(ctx, inputs, output):
@@ -559,5 +627,9 @@ def _backward(ctx, grad):
 fkd_forward.register_autograd(_backward, setup_context=_setup_context)
 
 register_kernels(
-    "fkd", "triton", torch.ops.fastkd_triton.fkd_forward, torch.ops.fastkd_triton.fkd_backward
+    "fkd",
+    "triton",
+    torch.ops.fastkd_triton.fkd_forward,
+    torch.ops.fastkd_triton.fkd_backward,
+    torch.ops.fastkd_triton.fkd_forward_backward,
 )
