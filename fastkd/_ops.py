@@ -38,11 +38,17 @@ def _register_fkd() -> None:
 
     def backward(ctx, grad):
         student, *teachers = ctx.saved_tensors
-        teachers_grad = bool(ctx.needs_input_grad[1])
+        # For the Tensor[] argument needs_input_grad holds one bool per teacher.
+        need = list(ctx.needs_input_grad[1])
+        teachers_grad = any(need)
         grad_student, grad_teachers = torch.ops.fastkd.fkd_backward(
             grad, student, teachers, *ctx.weights, teachers_grad
         )
-        return grad_student, (list(grad_teachers) if teachers_grad else None), None, None
+        grads = [None] * len(teachers)  # a list argument takes a list of the same length
+        if teachers_grad:
+            grads = [g if n else None for g, n in zip(grad_teachers, need, strict=True)]
+        grad_student = grad_student if ctx.needs_input_grad[0] else None
+        return grad_student, grads, None, None
 
     torch.library.register_autograd("fastkd::fkd_forward", backward, setup_context=setup_context)
     for backend in ("cpu", "cuda"):

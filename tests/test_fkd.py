@@ -289,3 +289,15 @@ def test_nan_in_features_propagates():
     for algorithm in ALGORITHMS:
         assert torch.isnan(fastkd.fkd_loss(s, t, backend="cpu", algorithm=algorithm))
     assert torch.isnan(fastkd.fkd_loss(s, t, backend="reference"))
+
+
+def test_op_autograd_with_only_some_teachers_requiring_grad():
+    torch.manual_seed(14)
+    s = torch.randn(21, 3, dtype=torch.float64, requires_grad=True)
+    t1 = torch.randn(21, 5, dtype=torch.float64, requires_grad=True)
+    t2 = torch.randn(21, 2, dtype=torch.float64)
+    loss = torch.ops.fastkd.fkd_forward(s, [t1, t2], 0.9, 0.2)
+    got = torch.autograd.grad(loss, [s, t1])
+    want = torch.autograd.grad(reference.fkd_loss(s, [t1, t2], 0.9, 0.2), [s, t1])
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
