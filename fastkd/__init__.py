@@ -2,7 +2,8 @@
 
 Losses (function and module): :func:`fkd_loss` / :class:`FKDLoss` (feature kernel
 distillation), :func:`sp_loss` / :class:`SPLoss`, :func:`rkd_distance_loss` /
-:class:`RKDDistanceLoss`. Every loss takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
+:class:`RKDDistanceLoss`, :func:`srd_loss` / :class:`SRDLoss` (LogSum of batch-normalised
+features). Every loss takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
 :func:`available_backends` tells what this install can run. :mod:`fastkd.reference` is the
 pure-PyTorch oracle of ``docs/SPEC.md``.
 """
@@ -12,6 +13,7 @@ from fastkd.backends import BackendUnavailableError, available_backends, resolve
 from fastkd.dual import FKDDualFunction
 from fastkd.fkd import FKDFunction, FKDLoss, fkd_loss
 from fastkd.relational import RKDDistanceLoss, SPLoss, rkd_distance_loss, sp_loss
+from fastkd.srd import SRDFunction, SRDLoss, srd_loss
 
 __version__ = "0.1.0"
 
@@ -22,10 +24,13 @@ __all__ = [
     "FKDLoss",
     "RKDDistanceLoss",
     "SPLoss",
+    "SRDFunction",
+    "SRDLoss",
     "available_backends",
     "fkd_loss",
     "reference",
     "resolve_backend",
     "rkd_distance_loss",
     "sp_loss",
+    "srd_loss",
 ]

@@ -14,3 +14,6 @@ import triton  # noqa: F401  (an ImportError here marks the backend unavailable)
 def interpreter_enabled() -> bool:
     """Whether Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+from fastkd.triton import srd  # noqa: E402, F401  (registers the "triton" SRD kernels)
