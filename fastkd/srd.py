@@ -134,11 +134,16 @@ def _update_running_stats(running_mean, running_var, stats, batch: int, factor) 
     running_var.copy_(torch.where(finite, new_var, running_var))
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(backend: str | None, device: torch.device) -> str:
-    # Run eagerly while torch.compile traces (it imports backend modules and reads the
-    # environment); the answer is a constant of the graph.
     return resolve_backend("srd", backend, device)
+
+
+# torch.compile must not trace the resolution (it imports modules and reads the environment) but
+# call it eagerly and keep the answer as a constant: torch.compiler.assume_constant_result, which
+# does nothing but set this marker. Spelt out because that function imports torch._dynamo, which
+# costs seconds at `import fastkd` and imports Triton before a test session can choose its
+# interpreter. test_compiled_training_step_fullgraph fails if the marker stops working.
+_resolve_backend._dynamo_marked_constant = True
 
 
 def _srd(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t, factor, backend):

@@ -79,7 +79,8 @@ void column_stats(const scalar_t* z, int64_t B, int64_t D, int64_t j0, int64_t w
       }
     }
     const acc_t count = static_cast<acc_t>(b1 - b0);
-    for (int64_t c = 0; c < w; ++c) srd::welford_merge<acc_t>(n[c], mean[c], m2[c], count, c_mean[c], c_m2[c]);
+    for (int64_t c = 0; c < w; ++c)
+      srd::welford_merge<acc_t>(n[c], mean[c], m2[c], count, c_mean[c], c_m2[c]);
   }
   const acc_t inv_b = acc_t(1) / static_cast<acc_t>(B);
   for (int64_t c = 0; c < w; ++c) {
@@ -104,6 +105,11 @@ struct Side {
       rstd[c] = stats[srd::kRstd * D + j0 + c];
     }
   }
+
+  // Batch-normalised value of an element of column j0 + c.
+  acc_t normalize(acc_t z, int64_t c) const {
+    return srd::normalize<acc_t>(z, shift[c], centre[c], rstd[c]);
+  }
 };
 
 // Pass 2 for columns [j0, j0 + w): sums over b of |d|^p, h, h*s, h*t into `sums` (row stride D).
@@ -125,10 +131,8 @@ void column_sums(const scalar_t* zs, const scalar_t* zt, int64_t B, int64_t D, i
       const scalar_t* rs = zs + b * D + j0;
       const scalar_t* rt = zt + b * D + j0;
       for (int64_t c = 0; c < w; ++c) {
-        const acc_t s = srd::normalize<acc_t>(static_cast<acc_t>(rs[c]), s_side.shift[c],
-                                              s_side.centre[c], s_side.rstd[c]);
-        const acc_t t = srd::normalize<acc_t>(static_cast<acc_t>(rt[c]), t_side.shift[c],
-                                              t_side.centre[c], t_side.rstd[c]);
+        const acc_t s = s_side.normalize(static_cast<acc_t>(rs[c]), c);
+        const acc_t t = t_side.normalize(static_cast<acc_t>(rt[c]), c);
         acc_t value, h;
         srd::power_terms<acc_t>(s - t, p, ip, value, h);
         part[srd::kPow][c] += value;
@@ -168,7 +172,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   const int ip = srd::integer_power(p);
   const int64_t n_blocks = (D + kColBlock - 1) / kColBlock;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "srd_forward_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "srd_forward",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* zs = student.const_data_ptr<scalar_t>();
@@ -213,11 +217,12 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
   const at::Tensor stats_t = stats_t_in.to(acc).contiguous();
   const at::Tensor sums = sums_in.to(acc).contiguous();
   at::Tensor grad_student = at::empty_like(student);
-  at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor grad_teacher =
+      teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   const int ip = srd::integer_power(p);
   const int64_t n_blocks = (D + kColBlock - 1) / kColBlock;
 
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "srd_backward_cpu",
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "srd_backward",
                                   [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t c = srd::loss_grad_scale<acc_t>(static_cast<acc_t>(grad.item<double>()),
@@ -237,30 +242,29 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
         const int64_t j0 = blk * kColBlock, w = std::min(kColBlock, D - j0);
         s_side.load(zs, ss, D, j0, w);
         t_side.load(zt, st, D, j0, w);
-        for (int64_t c2 = 0; c2 < w; ++c2) {
-          mean_h[c2] = sm[srd::kH * D + j0 + c2] * inv_b;
-          mean_hs[c2] = sm[srd::kHS * D + j0 + c2] * inv_b;
-          mean_ht[c2] = sm[srd::kHT * D + j0 + c2] * inv_b;
+        for (int64_t k = 0; k < w; ++k) {
+          mean_h[k] = sm[srd::kH * D + j0 + k] * inv_b;
+          mean_hs[k] = sm[srd::kHS * D + j0 + k] * inv_b;
+          mean_ht[k] = sm[srd::kHT * D + j0 + k] * inv_b;
         }
         for (int64_t b = 0; b < B; ++b) {
           const int64_t off = b * D + j0;
           for (int64_t k = 0; k < w; ++k) {
-            const acc_t s = srd::normalize<acc_t>(static_cast<acc_t>(zs[off + k]), s_side.shift[k],
-                                                  s_side.centre[k], s_side.rstd[k]);
-            const acc_t t = srd::normalize<acc_t>(static_cast<acc_t>(zt[off + k]), t_side.shift[k],
-                                                  t_side.centre[k], t_side.rstd[k]);
+            const acc_t s = s_side.normalize(static_cast<acc_t>(zs[off + k]), k);
+            const acc_t t = t_side.normalize(static_cast<acc_t>(zt[off + k]), k);
             acc_t value, h;
             srd::power_terms<acc_t>(s - t, pa, ip, value, h);
-            if (training) {
-              gs[off + k] = static_cast<scalar_t>(
-                  srd::bn_backward_train<acc_t>(c, h, s, mean_h[k], mean_hs[k], s_side.rstd[k]));
-              if (gt)
-                gt[off + k] = static_cast<scalar_t>(
-                    srd::bn_backward_train<acc_t>(-c, h, t, mean_h[k], mean_ht[k], t_side.rstd[k]));
-            } else {
-              gs[off + k] = static_cast<scalar_t>(srd::bn_backward_eval<acc_t>(c, h, s_side.rstd[k]));
-              if (gt)
-                gt[off + k] = static_cast<scalar_t>(srd::bn_backward_eval<acc_t>(-c, h, t_side.rstd[k]));
+            const acc_t g_s =
+                training ? srd::bn_backward_train<acc_t>(c, h, s, mean_h[k], mean_hs[k],
+                                                         s_side.rstd[k])
+                         : srd::bn_backward_eval<acc_t>(c, h, s_side.rstd[k]);
+            gs[off + k] = static_cast<scalar_t>(g_s);
+            if (gt) {
+              const acc_t g_t =
+                  training ? srd::bn_backward_train<acc_t>(-c, h, t, mean_h[k], mean_ht[k],
+                                                           t_side.rstd[k])
+                           : srd::bn_backward_eval<acc_t>(-c, h, t_side.rstd[k]);
+              gt[off + k] = static_cast<scalar_t>(g_t);
             }
           }
         }

@@ -111,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cuda(
   const at::Tensor grad_acc = prep(grad), total_acc = prep(total);
   const at::Tensor ss = prep(stats_s), st = prep(stats_t), sm = prep(sums);
   at::Tensor grad_student = at::empty_like(student);
-  at::Tensor grad_teacher = teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  at::Tensor grad_teacher =
+      teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   const srd_cuda::Plan plan = srd_cuda::make_plan(B, D, student.get_device());
   C10_CUDA_CHECK(srd_cuda::backward(
       dtype_of(student), grad_acc.const_data_ptr(), total_acc.const_data_ptr(),
