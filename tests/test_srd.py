@@ -42,6 +42,15 @@ def test_cpu_matches_reference(dtype, shape, p, training):
     assert_matches(fused, ref, TOL[dtype], scales=scales, what=f"{dtype} {shape} p={p}")
 
 
+@pytest.mark.parametrize("p", [6.0, 8.0, 9.0, 1.5])
+def test_cpu_other_powers(p):
+    # 5..8 take the run-time integer loop, 9 and 1.5 pow().
+    student, teacher = make_inputs(17, 9, dtype=torch.float64, seed=int(p * 10))
+    fused = run("cpu", student, teacher, p, True, make_buffers(9))
+    ref = run("reference64", student, teacher, p, True, make_buffers(9))
+    assert_matches(fused, ref, TOL[torch.float64])
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("training", [True, False])
 def test_cpu_half_precision_inputs(dtype, training):

@@ -92,6 +92,19 @@ void column_stats(const scalar_t* z, int64_t B, int64_t D, int64_t j0, int64_t w
   }
 }
 
+// Calls fn.template operator()<kIP>() with the exponent fixed at compile time for the common
+// p = 1..4 (kIP = p), else kIP = -1 (read at run time).
+template <typename Fn>
+void with_power(int ip, Fn&& fn) {
+  switch (ip) {
+    case 1: fn.template operator()<1>(); break;
+    case 2: fn.template operator()<2>(); break;
+    case 3: fn.template operator()<3>(); break;
+    case 4: fn.template operator()<4>(); break;
+    default: fn.template operator()<-1>(); break;
+  }
+}
+
 // Per-column coefficients of one side, loaded once per task.
 template <typename acc_t>
 struct Side {
@@ -113,7 +126,7 @@ struct Side {
 };
 
 // Pass 2 for columns [j0, j0 + w): sums over b of |d|^p, h, h*s, h*t into `sums` (row stride D).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, int kIP>
 void column_sums(const scalar_t* zs, const scalar_t* zt, int64_t B, int64_t D, int64_t j0,
                  int64_t w, const acc_t* stats_s, const acc_t* stats_t, acc_t p, int ip,
                  acc_t* sums) {
@@ -134,7 +147,7 @@ void column_sums(const scalar_t* zs, const scalar_t* zt, int64_t B, int64_t D, i
         const acc_t s = s_side.normalize(static_cast<acc_t>(rs[c]), c);
         const acc_t t = t_side.normalize(static_cast<acc_t>(rt[c]), c);
         acc_t value, h;
-        srd::power_terms<acc_t>(s - t, p, ip, value, h);
+        srd::power_terms<acc_t, kIP>(s - t, p, ip, value, h);
         part[srd::kPow][c] += value;
         part[srd::kH][c] += h;
         part[srd::kHS][c] += h * s;
@@ -187,7 +200,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
           column_stats<scalar_t, acc_t>(zs, B, D, j0, w, static_cast<acc_t>(eps), ss);
           column_stats<scalar_t, acc_t>(zt, B, D, j0, w, static_cast<acc_t>(eps), st);
         }
-        column_sums<scalar_t, acc_t>(zs, zt, B, D, j0, w, ss, st, static_cast<acc_t>(p), ip, sm);
+        with_power(ip, [&]<int kIP>() {
+          column_sums<scalar_t, acc_t, kIP>(zs, zt, B, D, j0, w, ss, st, static_cast<acc_t>(p),
+                                            ip, sm);
+        });
       }
     });
   });
@@ -200,6 +216,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   const at::Tensor total_t = at::scalar_tensor(total, opts);
   const at::Tensor loss = total_t.clamp_min(srd::kTiny).log();
   return {loss, total_t, stats_s, stats_t, sums};
+}
+
+// Backward sweep over columns [j0, j0 + w): recomputes s, t and h per element and writes the
+// gradients (gt may be null). mean_* are the column means of h, h*s, h*t; c = grad / S.
+template <typename scalar_t, typename acc_t, int kIP, bool kTraining>
+void backward_block(const scalar_t* zs, const scalar_t* zt, int64_t B, int64_t D, int64_t j0,
+                    int64_t w, const Side<acc_t>& s_side, const Side<acc_t>& t_side,
+                    const acc_t* mean_h, const acc_t* mean_hs, const acc_t* mean_ht, acc_t c,
+                    acc_t p, int ip, scalar_t* gs, scalar_t* gt) {
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t off = b * D + j0;
+    for (int64_t k = 0; k < w; ++k) {
+      const acc_t s = s_side.normalize(static_cast<acc_t>(zs[off + k]), k);
+      const acc_t t = t_side.normalize(static_cast<acc_t>(zt[off + k]), k);
+      acc_t value, h;
+      srd::power_terms<acc_t, kIP>(s - t, p, ip, value, h);
+      gs[off + k] = static_cast<scalar_t>(
+          kTraining ? srd::bn_backward_train<acc_t>(c, h, s, mean_h[k], mean_hs[k], s_side.rstd[k])
+                    : srd::bn_backward_eval<acc_t>(c, h, s_side.rstd[k]));
+    }
+    if (gt == nullptr) continue;
+    for (int64_t k = 0; k < w; ++k) {
+      const acc_t s = s_side.normalize(static_cast<acc_t>(zs[off + k]), k);
+      const acc_t t = t_side.normalize(static_cast<acc_t>(zt[off + k]), k);
+      acc_t value, h;
+      srd::power_terms<acc_t, kIP>(s - t, p, ip, value, h);
+      gt[off + k] = static_cast<scalar_t>(
+          kTraining ? srd::bn_backward_train<acc_t>(-c, h, t, mean_h[k], mean_ht[k], t_side.rstd[k])
+                    : srd::bn_backward_eval<acc_t>(-c, h, t_side.rstd[k]));
+    }
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
@@ -247,27 +294,11 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
           mean_hs[k] = sm[srd::kHS * D + j0 + k] * inv_b;
           mean_ht[k] = sm[srd::kHT * D + j0 + k] * inv_b;
         }
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t off = b * D + j0;
-          for (int64_t k = 0; k < w; ++k) {
-            const acc_t s = s_side.normalize(static_cast<acc_t>(zs[off + k]), k);
-            const acc_t t = t_side.normalize(static_cast<acc_t>(zt[off + k]), k);
-            acc_t value, h;
-            srd::power_terms<acc_t>(s - t, pa, ip, value, h);
-            const acc_t g_s =
-                training ? srd::bn_backward_train<acc_t>(c, h, s, mean_h[k], mean_hs[k],
-                                                         s_side.rstd[k])
-                         : srd::bn_backward_eval<acc_t>(c, h, s_side.rstd[k]);
-            gs[off + k] = static_cast<scalar_t>(g_s);
-            if (gt) {
-              const acc_t g_t =
-                  training ? srd::bn_backward_train<acc_t>(-c, h, t, mean_h[k], mean_ht[k],
-                                                           t_side.rstd[k])
-                           : srd::bn_backward_eval<acc_t>(-c, h, t_side.rstd[k]);
-              gt[off + k] = static_cast<scalar_t>(g_t);
-            }
-          }
-        }
+        with_power(ip, [&]<int kIP>() {
+          auto* block = training ? &backward_block<scalar_t, acc_t, kIP, true>
+                                 : &backward_block<scalar_t, acc_t, kIP, false>;
+          block(zs, zt, B, D, j0, w, s_side, t_side, mean_h, mean_hs, mean_ht, c, pa, ip, gs, gt);
+        });
       }
     });
   });

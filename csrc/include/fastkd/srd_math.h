@@ -40,15 +40,17 @@ FASTKD_HD acc_t pow_(acc_t base, acc_t exponent) {
 #endif
 }
 
-// |d|^p and its derivative h = p |d|^(p-1) sign(d). `ip` is integer_power(p). NaN and Inf in d
+// |d|^p and its derivative h = p |d|^(p-1) sign(d). `ip` is integer_power(p); kIP >= 0 fixes it
+// at compile time (the CPU loops then vectorise), kIP = -1 reads `ip`. NaN and Inf in d
 // propagate (sign(NaN) = 0 but |d|^(p-1) is NaN, so h is NaN too).
-template <typename acc_t>
+template <typename acc_t, int kIP = -1>
 FASTKD_HD void power_terms(acc_t d, acc_t p, int ip, acc_t& value, acc_t& h) {
+  const int n = kIP >= 0 ? kIP : ip;
   const acc_t a = d < acc_t(0) ? -d : d;
   acc_t a_pm1;  // |d|^(p-1)
-  if (ip > 0) {
+  if (n > 0) {
     a_pm1 = acc_t(1);
-    for (int k = 1; k < ip; ++k) a_pm1 *= a;
+    for (int k = 1; k < n; ++k) a_pm1 *= a;
   } else {
     a_pm1 = pow_<acc_t>(a, p - acc_t(1));  // p > 1 here, so 0^(p-1) = 0
   }
