@@ -16,6 +16,21 @@ TORCH_LIBRARY(fastkd, m) {
   m.def(
       "fkd_forward_backward(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight, "
       "bool teachers_grad) -> (Tensor loss, Tensor grad_student, Tensor[] grad_teachers)");
+
+  // SRD (SPEC §3). student and teacher: (B, D), same dtype. Returns the 0-dim loss and S in the
+  // accumulation dtype, each side's (4, D) statistics [mean, biased var, mean - z[0], rstd]
+  // (batch statistics in training, the running buffers otherwise; the buffers are read, never
+  // written) and the (4, D) column sums [|d|^p, h, h*s, h*t] the backward pass needs.
+  m.def(
+      "srd_forward(Tensor student, Tensor teacher, float p, float eps, bool training, "
+      "Tensor? running_mean_s, Tensor? running_var_s, Tensor? running_mean_t, "
+      "Tensor? running_var_t) -> (Tensor loss, Tensor total, Tensor stats_s, Tensor stats_t, "
+      "Tensor sums)");
+  // Gradient of srd_forward's loss scaled by `grad`; grad_teacher is empty unless teacher_grad.
+  m.def(
+      "srd_backward(Tensor grad, Tensor student, Tensor teacher, float p, bool training, "
+      "Tensor total, Tensor stats_s, Tensor stats_t, Tensor sums, bool teacher_grad) -> "
+      "(Tensor grad_student, Tensor grad_teacher)");
 }
 
 // `import fastkd._C` loads this shared object, which runs the registrations above; the Python

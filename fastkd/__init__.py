@@ -2,7 +2,8 @@
 
 Losses (function and module): :func:`fkd_loss` / :class:`FKDLoss` (feature kernel
 distillation), :func:`sp_loss` / :class:`SPLoss`, :func:`rkd_distance_loss` /
-:class:`RKDDistanceLoss`. Each takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
+:class:`RKDDistanceLoss`, :func:`srd_loss` / :class:`SRDLoss` (LogSum of batch-normalised
+features). Each takes ``backend="auto"|"cpu"|"cuda"|"triton"|"reference"``;
 :func:`available_backends` tells what this install can run. :mod:`fastkd.reference` is the
 pure-PyTorch oracle of ``docs/SPEC.md``. Self-distillation with ground-truth targets lives in
 :mod:`fastkd.selfdistill` (:class:`KernelRidgeSelfDistiller`, :func:`self_distillation_loss`).
@@ -21,6 +22,7 @@ from fastkd.selfdistill import (
     rbf_kernel,
     self_distillation_loss,
 )
+from fastkd.srd import SRDFunction, SRDLoss, srd_loss
 
 __version__ = "0.1.0"
 
@@ -33,6 +35,8 @@ __all__ = [
     "RKDDistanceLoss",
     "SPLoss",
     "SelfDistillationLoss",
+    "SRDFunction",
+    "SRDLoss",
     "available_backends",
     "estimate_alpha",
     "fkd_loss",
@@ -43,4 +47,5 @@ __all__ = [
     "rkd_distance_loss",
     "self_distillation_loss",
     "sp_loss",
+    "srd_loss",
 ]

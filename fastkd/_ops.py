@@ -62,5 +62,49 @@ def _register_fkd() -> None:
         )
 
 
+def _register_srd() -> None:
+    def _acc_empty(like, shape, *others):
+        return like.new_empty(shape, dtype=loss_dtype(like, *others))
+
+    @torch.library.register_fake("fastkd::srd_forward")
+    def _srd_forward_fake(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t):
+        width = student.shape[1]
+        return (
+            _acc_empty(student, (), teacher),
+            _acc_empty(student, (), teacher),
+            _acc_empty(student, (4, width), teacher),
+            _acc_empty(student, (4, width), teacher),
+            _acc_empty(student, (4, width), teacher),
+        )
+
+    @torch.library.register_fake("fastkd::srd_backward")
+    def _srd_backward_fake(grad, student, teacher, p, training, total, st_s, st_t, sums, t_grad):
+        return torch.empty_like(student), (
+            torch.empty_like(teacher) if t_grad else teacher.new_empty((0,))
+        )
+
+    def setup_context(ctx, inputs, output):
+        student, teacher, p, _eps, training, *_running = inputs
+        _loss, total, stats_s, stats_t, sums = output
+        ctx.save_for_backward(student, teacher, total, stats_s, stats_t, sums)
+        ctx.p, ctx.training = p, training
+        ctx.mark_non_differentiable(total, stats_s, stats_t, sums)
+
+    def backward(ctx, grad, *_unused):
+        student, teacher, total, stats_s, stats_t, sums = ctx.saved_tensors
+        teacher_grad = bool(ctx.needs_input_grad[1])
+        grad_s, grad_t = torch.ops.fastkd.srd_backward(
+            grad, student, teacher, ctx.p, ctx.training, total, stats_s, stats_t, sums, teacher_grad
+        )
+        return grad_s, (grad_t if teacher_grad else None), *([None] * 7)
+
+    torch.library.register_autograd("fastkd::srd_forward", backward, setup_context=setup_context)
+    for backend in ("cpu", "cuda"):
+        register_kernels(
+            "srd", backend, torch.ops.fastkd.srd_forward, torch.ops.fastkd.srd_backward
+        )
+
+
 if _extension.loaded():
     _register_fkd()
+    _register_srd()

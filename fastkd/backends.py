@@ -125,13 +125,9 @@ def resolve_backend(op: str, backend: str | None, device: torch.device) -> str:
     """The backend that will run ``op`` on ``device``: validated, never a silent fallback.
 
     Under ``torch.compile`` the choice is made once at trace time and baked into the graph
-    (changing ``$FASTKD_BACKEND`` later does not recompile).
+    (changing ``$FASTKD_BACKEND`` later does not recompile): see the marker below.
     """
-    return _resolve(op, backend, device.type)
-
-
-@torch._dynamo.assume_constant_result
-def _resolve(op: str, backend: str | None, device_type: str) -> str:
+    device_type = device.type
     requested = backend if backend is not None else os.environ.get(ENV_VAR, "auto")
     if not isinstance(requested, str):
         raise TypeError(f"backend must be a string or None, got {type(requested).__name__}")
@@ -163,3 +159,11 @@ def _resolve(op: str, backend: str | None, device_type: str) -> str:
             f"backend {requested!r} runs on {wanted_device[0]} tensors here, got {device_type}"
         )
     return requested
+
+
+# torch.compile must not trace the resolution (it imports modules and reads the environment)
+# but call it eagerly and keep the answer as a constant. torch.compiler.assume_constant_result
+# does nothing but set this marker; it is spelt out because that function imports torch._dynamo,
+# which costs seconds at `import fastkd` and imports Triton before a test session can choose its
+# interpreter. The fullgraph compile tests fail if the marker stops working.
+resolve_backend._dynamo_marked_constant = True

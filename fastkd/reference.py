@@ -172,8 +172,9 @@ def srd_loss(
         update_running_stats(running_mean_s, running_var_s, mean_s, var_s, b, momentum)
         update_running_stats(running_mean_t, running_var_t, mean_t, var_t, b, momentum)
     else:
-        mean_s, var_s = _acc(running_mean_s), _acc(running_var_s)
-        mean_t, var_t = _acc(running_mean_t), _acc(running_var_t)
+        # In the features' accumulation dtype: float32 buffers must not round a float64 sigma.
+        mean_s, var_s = running_mean_s.to(zs.dtype), running_var_s.to(zs.dtype)
+        mean_t, var_t = running_mean_t.to(zt.dtype), running_var_t.to(zt.dtype)
     s = (zs - mean_s) / torch.sqrt(var_s + eps)
     t = (zt - mean_t) / torch.sqrt(var_t + eps)
     total = (s - t).abs().pow(p).sum()

@@ -16,4 +16,5 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-from fastkd.triton import fkd  # noqa: E402, F401  (registers the "triton" FKD kernels)
+# Importing the op modules registers their "triton" kernels.
+from fastkd.triton import fkd, srd  # noqa: E402, F401

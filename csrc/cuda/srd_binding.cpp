@@ -1,0 +1,132 @@
+// at::Tensor side of the SRD CUDA kernels (csrc/cuda/srd.cu): checks, allocations, the current
+// stream, and the CUDA registrations of fastkd::srd_forward / srd_backward.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "fastkd/srd_math.h"
+#include "srd_cuda.h"
+
+namespace fastkd {
+namespace {
+
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
+  TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "fastkd::srd: CUDA tensors expected");
+  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 1,
+              "fastkd::srd: student must be a non-empty 2-D tensor");
+  TORCH_CHECK(teacher.sizes() == student.sizes(),
+              "fastkd::srd: teacher must have the student's shape (B, D)");
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
+              "fastkd::srd: student and teacher must have the same dtype");
+  TORCH_CHECK(teacher.device() == student.device(),
+              "fastkd::srd: student and teacher are on different devices");
+}
+
+srd_cuda::DType dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf: return srd_cuda::DType::kHalf;
+    case at::kBFloat16: return srd_cuda::DType::kBFloat16;
+    case at::kFloat: return srd_cuda::DType::kFloat;
+    case at::kDouble: return srd_cuda::DType::kDouble;
+    default: TORCH_CHECK(false, "fastkd::srd: unsupported dtype ", x.scalar_type());
+  }
+}
+
+at::ScalarType acc_type_of(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// (4, D) statistics from running buffers (eval mode): mean, var, centre = mean - z[0], rstd.
+at::Tensor stats_from_running(const at::Tensor& z, const std::optional<at::Tensor>& mean,
+                              const std::optional<at::Tensor>& var, double eps,
+                              at::ScalarType acc, const char* side) {
+  TORCH_CHECK(mean.has_value() && var.has_value(), "fastkd::srd: eval mode needs the ", side,
+              " running mean and running var");
+  const int64_t D = z.size(1);
+  TORCH_CHECK(mean->numel() == D && var->numel() == D, "fastkd::srd: ", side,
+              " running statistics must have shape (D,)");
+  const at::Tensor m = mean->to(z.device(), acc).reshape({D});
+  const at::Tensor v = var->to(z.device(), acc).reshape({D});
+  return at::stack({m, v, m - z.select(0, 0).to(acc), (v + eps).rsqrt()});
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forward_cuda(
+    const at::Tensor& student_in, const at::Tensor& teacher_in, double p, double eps,
+    bool training, const std::optional<at::Tensor>& running_mean_s,
+    const std::optional<at::Tensor>& running_var_s, const std::optional<at::Tensor>& running_mean_t,
+    const std::optional<at::Tensor>& running_var_t) {
+  check_inputs(student_in, teacher_in);
+  TORCH_CHECK(p >= 1, "fastkd::srd: p must be >= 1, got ", p);
+  const int64_t B = student_in.size(0), D = student_in.size(1);
+  TORCH_CHECK(!training || B >= 2, "fastkd::srd: training mode needs a batch of at least 2 rows");
+  const c10::cuda::CUDAGuard guard(student_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
+  const at::ScalarType acc = acc_type_of(student);
+  const auto opts = student.options().dtype(acc);
+  const srd_cuda::Plan plan = srd_cuda::make_plan(B, D, student.get_device());
+  at::Tensor workspace = at::empty({srd_cuda::workspace_elements(plan)}, opts);
+  at::Tensor stats_s, stats_t;
+  if (training) {
+    stats_s = at::empty({4, D}, opts);
+    stats_t = at::empty({4, D}, opts);
+    C10_CUDA_CHECK(srd_cuda::forward_stats(dtype_of(student), student.const_data_ptr(),
+                                           teacher.const_data_ptr(), plan, eps,
+                                           workspace.data_ptr(), stats_s.data_ptr(),
+                                           stats_t.data_ptr(), stream));
+  } else {
+    stats_s = stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
+    stats_t = stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
+  }
+  at::Tensor sums = at::empty({4, D}, opts);
+  at::Tensor total = at::empty({}, opts);
+  at::Tensor loss = at::empty({}, opts);
+  C10_CUDA_CHECK(srd_cuda::forward_sums(dtype_of(student), student.const_data_ptr(),
+                                        teacher.const_data_ptr(), plan, p,
+                                        stats_s.const_data_ptr(), stats_t.const_data_ptr(),
+                                        workspace.data_ptr(), sums.data_ptr(), total.data_ptr(),
+                                        loss.data_ptr(), stream));
+  return {loss, total, stats_s, stats_t, sums};
+}
+
+std::tuple<at::Tensor, at::Tensor> srd_backward_cuda(
+    const at::Tensor& grad, const at::Tensor& student_in, const at::Tensor& teacher_in, double p,
+    bool training, const at::Tensor& total, const at::Tensor& stats_s,
+    const at::Tensor& stats_t, const at::Tensor& sums, bool teacher_grad) {
+  check_inputs(student_in, teacher_in);
+  const int64_t B = student_in.size(0), D = student_in.size(1);
+  for (const at::Tensor* t : {&stats_s, &stats_t, &sums})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == 4 && t->size(1) == D,
+                "fastkd::srd_backward: statistics and sums must have shape (4, D)");
+  const c10::cuda::CUDAGuard guard(student_in.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
+  const at::ScalarType acc = acc_type_of(student);
+  const auto prep = [&](const at::Tensor& t) { return t.to(student.device(), acc).contiguous(); };
+  const at::Tensor grad_acc = prep(grad), total_acc = prep(total);
+  const at::Tensor ss = prep(stats_s), st = prep(stats_t), sm = prep(sums);
+  at::Tensor grad_student = at::empty_like(student);
+  at::Tensor grad_teacher =
+      teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
+  const srd_cuda::Plan plan = srd_cuda::make_plan(B, D, student.get_device());
+  C10_CUDA_CHECK(srd_cuda::backward(
+      dtype_of(student), grad_acc.const_data_ptr(), total_acc.const_data_ptr(),
+      student.const_data_ptr(), teacher.const_data_ptr(), plan, p, training, ss.const_data_ptr(),
+      st.const_data_ptr(), sm.const_data_ptr(), grad_student.data_ptr(),
+      teacher_grad ? grad_teacher.data_ptr() : nullptr, stream));
+  return {grad_student, grad_teacher};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) {
+  m.impl("srd_forward", &srd_forward_cuda);
+  m.impl("srd_backward", &srd_backward_cuda);
+}
+
+}  // namespace fastkd

@@ -1,0 +1,134 @@
+"""SRD Triton kernels against the float64 reference, in Triton's CPU interpreter (small shapes,
+float32/float16/float64; the interpreter has no bfloat16 math) or on a GPU when there is one."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import (conftest does too)
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from srd_helpers import (  # noqa: E402
+    TOL,
+    assert_matches,
+    make_buffers,
+    make_inputs,
+    rel_err,
+    run,
+    train_grad_scales,
+)
+
+import fastkd  # noqa: E402
+
+triton_srd = pytest.importorskip("fastkd.triton.srd")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and not triton_srd.interpreter_enabled():
+    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+# Several column blocks and row splits on small shapes: exercises every merge path.
+SMALL_TILES = {"BLOCK_B": 4, "BLOCK_D": 4, "rows_per_split": 8}
+
+
+@pytest.fixture(params=["default", "small_tiles"])
+def tiles(request, monkeypatch):
+    if request.param == "small_tiles":
+        monkeypatch.setattr(triton_srd, "_CONFIG_OVERRIDE", SMALL_TILES)
+    return request.param
+
+
+def on_device(*tensors):
+    return [t.to(DEVICE) for t in tensors]
+
+
+@pytest.mark.parametrize(
+    ("shape", "p", "dtype"),
+    [
+        ((2, 7), 4.0, torch.float32),
+        ((3, 1), 1.0, torch.float32),
+        ((17, 7), 4.5, torch.float32),
+        ((17, 7), 2.0, torch.float64),
+        ((30, 9), 3.0, torch.float64),
+        ((17, 9), 4.0, torch.float16),
+    ],
+)
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_matches_reference(tiles, shape, p, dtype, training):
+    student, teacher = on_device(*make_inputs(*shape, dtype=dtype, seed=shape[0] + int(p)))
+    buffers = on_device(*make_buffers(shape[1]))
+    fused = run("triton", student, teacher, p, training, buffers)
+    ref = run("reference64", student, teacher, p, training, buffers)
+    assert fused[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert fused[1].dtype == dtype and fused[2].dtype == dtype
+    scales = train_grad_scales(student, teacher, p) if training else (0.0, 0.0)
+    assert_matches(fused, ref, TOL[dtype], scales=scales, what=f"{tiles} {shape} p={p}")
+
+
+def test_triton_matches_cpu_kernels_on_odd_shape(tiles):
+    student, teacher = make_inputs(21, 13, dtype=torch.float32, seed=21, offset=1e4)
+    buffers = make_buffers(13)
+    cpu = run("cpu", student, teacher, 4.0, True, buffers)
+    tri = run("triton", *on_device(student, teacher), 4.0, True, on_device(*buffers))
+    for a, b in zip(cpu[:3], tri[:3], strict=True):
+        assert rel_err(b.cpu(), a) <= 2e-6
+    for a, b in zip(cpu[3], tri[3], strict=True):
+        assert rel_err(b.cpu(), a) <= 1e-6
+
+
+def test_triton_identical_inputs_and_zero_variance(tiles):
+    x, _ = make_inputs(9, 6, dtype=torch.float32, seed=22)
+    x[:, 1] = 3.0
+    (x,) = on_device(x)
+    loss, gs, gt, _ = run("triton", x, x.clone(), 4.0, True)
+    assert loss.item() == torch.log(torch.tensor(torch.finfo(torch.float32).tiny)).item()
+    assert torch.all(gs == 0) and torch.all(gt == 0)
+
+
+def test_triton_non_finite_input_keeps_running_stats():
+    student, teacher = make_inputs(9, 5, seed=23)
+    student[4, 0] = float("nan")
+    student, teacher = on_device(student, teacher)
+    buffers = on_device(*make_buffers(5))
+    loss, _, _, bufs = run("triton", student, teacher, 4.0, True, buffers)
+    assert math.isnan(loss.item())
+    assert torch.equal(bufs[0], buffers[0]) and torch.equal(bufs[1], buffers[1])
+    assert not torch.equal(bufs[2], buffers[2])
+
+
+def test_triton_opcheck():
+    student, teacher = on_device(*make_inputs(6, 5, dtype=torch.float32, seed=24))
+    mean_s, var_s, mean_t, var_t = on_device(*make_buffers(5))
+    for training in (True, False):
+        args = (
+            student.clone().requires_grad_(),
+            teacher.clone().requires_grad_(),
+            4.0,
+            1e-4,
+            training,
+            mean_s,
+            var_s,
+            mean_t,
+            var_t,
+        )
+        torch.library.opcheck(triton_srd.srd_forward, args)
+        out = triton_srd.srd_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        grad = torch.tensor(0.5, device=DEVICE)
+        bwd = (grad, student, teacher, 4.0, training, *out[1:], True)
+        torch.library.opcheck(triton_srd.srd_backward, bwd)
+
+
+def test_triton_module_matches_cpu_module():
+    torch.manual_seed(3)
+    tri = fastkd.SRDLoss(6, 4, backend="triton").to(DEVICE)
+    cpu = fastkd.SRDLoss(6, 4, backend="cpu")
+    cpu.load_state_dict({k: v.cpu() for k, v in tri.state_dict().items()})
+    for _ in range(2):
+        fs, ft = torch.randn(10, 6), torch.randn(10, 4)
+        a = tri(*on_device(fs, ft))
+        b = cpu(fs, ft)
+        a.backward()
+        b.backward()
+        assert rel_err(a.cpu(), b) <= 1e-6
+        assert rel_err(tri.projector.weight.grad.cpu(), cpu.projector.weight.grad) <= 1e-5
+    for name, buf in cpu.named_buffers():
+        torch.testing.assert_close(tri.get_buffer(name).cpu(), buf)
