@@ -48,7 +48,6 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastkd
-from fastkd import reference
 from fastkd.fkd import choose_algorithm
 
 STUDENT_WIDTHS = (32,)
@@ -366,45 +365,6 @@ def train_teachers(data: Digits, seed: int, epochs: int, batch_size: int, bar) -
         )
 
 
-# ------------------------------------------------------------------------------ SRD (fallback)
-
-
-class _ReferenceSRD(nn.Module):
-    """TEMPORARY stand-in for ``fastkd.SRDLoss`` until it is merged (same constructor and
-    forward): Linear projector when widths differ, BatchNorm-style running buffers, and
-    :func:`fastkd.reference.srd_loss` (eager PyTorch) for the LogSum loss."""
-
-    def __init__(self, student_dim: int, teacher_dim: int, p=4.0, eps=1e-4, momentum=0.1):
-        super().__init__()
-        same = student_dim == teacher_dim
-        self.projector = nn.Identity() if same else nn.Linear(student_dim, teacher_dim)
-        self.p, self.eps, self.momentum = p, eps, momentum
-        for side in ("s", "t"):
-            self.register_buffer(f"running_mean_{side}", torch.zeros(teacher_dim))
-            self.register_buffer(f"running_var_{side}", torch.ones(teacher_dim))
-
-    def forward(self, student, teacher):
-        return reference.srd_loss(
-            self.projector(student),
-            teacher,
-            self.p,
-            self.eps,
-            self.training,
-            self.running_mean_s,
-            self.running_var_s,
-            self.running_mean_t,
-            self.running_var_t,
-            self.momentum,
-        )
-
-
-def make_srd_loss(student_dim: int, teacher_dim: int, backend: str) -> tuple[nn.Module, bool]:
-    """(SRD loss module, fused?): ``fastkd.SRDLoss`` when this fastkd has it, else the stand-in."""
-    if hasattr(fastkd, "SRDLoss"):
-        return fastkd.SRDLoss(student_dim, teacher_dim, backend=backend), True
-    return _ReferenceSRD(student_dim, teacher_dim), False
-
-
 # ------------------------------------------------------------------------------------- students
 
 
@@ -449,7 +409,7 @@ def train_student(
             return ce + loss_fn(features, target)
 
     elif method == "srd":
-        srd, _ = make_srd_loss(student.feature_dim, teachers.features.shape[1], backend)
+        srd = fastkd.SRDLoss(student.feature_dim, teachers.features.shape[1], backend=backend)
         srd.train()
         extra = list(srd.parameters())
         weight = config["weight"]
@@ -552,13 +512,11 @@ def time_losses(
 
         # SRD: the projector runs inside the loss module, so it is timed in both columns.
         torch.manual_seed(seed)
-        fused, has_fused = make_srd_loss(fs.shape[1], tf.shape[1], backend)
-        ref, _ = make_srd_loss(fs.shape[1], tf.shape[1], "reference")
+        fused = fastkd.SRDLoss(fs.shape[1], tf.shape[1], backend=backend)
+        ref = fastkd.SRDLoss(fs.shape[1], tf.shape[1], backend="reference")
         ref.load_state_dict(fused.state_dict())
-        fused_s, srd_backend = None, None
-        if has_fused:
-            srd_backend = fastkd.resolve_backend("srd", backend, torch.device("cpu"))
-            fused_s = _seconds_per_call(_step(fused.train(), fs, tf, fused), budget, rounds)
+        srd_backend = fastkd.resolve_backend("srd", backend, torch.device("cpu"))
+        fused_s = _seconds_per_call(_step(fused.train(), fs, tf, fused), budget, rounds)
         reference_s = _seconds_per_call(_step(ref.train(), fs, tf, ref), budget, rounds)
         shapes = f"student {batch}x{fs.shape[1]} -> {tf.shape[1]}, teacher {batch}x{tf.shape[1]}"
         rows.append(_timing_row("SRD", shapes, batch, srd_backend, "fused", fused_s, reference_s))
@@ -892,9 +850,6 @@ def _run(args: argparse.Namespace) -> dict:
             "machine": platform.machine(),
             "cpu_count": os.cpu_count(),
         },
-        "srd_implementation": "fastkd.SRDLoss"
-        if hasattr(fastkd, "SRDLoss")
-        else "demo stand-in: nn.Linear projector + fastkd.reference.srd_loss",
         "data": {
             "dataset": "sklearn.datasets.load_digits",
             "train": n_train,

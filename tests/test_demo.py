@@ -263,7 +263,7 @@ def test_masked_cross_entropy_ignores_unlabelled_rows():
 
 def test_srd_loss_module_matches_reference_and_trains_its_projector():
     torch.manual_seed(0)
-    srd, _ = demo.make_srd_loss(3, 17, "reference")
+    srd = fastkd.SRDLoss(3, 17, backend="reference")
     srd.train()
     zs, zt = torch.randn(13, 3, requires_grad=True), torch.randn(13, 17)
     loss = srd(zs, zt)
