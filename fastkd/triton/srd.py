@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastkd._ops import register_srd_autograd, srd_backward_fake
 from fastkd.backends import register_kernels
 from fastkd.reference import SRD_TINY
 from fastkd.triton import interpreter_enabled
@@ -452,29 +453,6 @@ def srd_backward(
     return grad_s, grad_t
 
 
-@srd_backward.register_fake
-def _srd_backward_fake(grad, student, teacher, p, training, total, st_s, st_t, sums, t_grad):
-    return torch.empty_like(student), (
-        torch.empty_like(teacher) if t_grad else teacher.new_empty((0,))
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    student, teacher, p, _eps, training, *_running = inputs
-    _loss, total, stats_s, stats_t, sums = output
-    ctx.save_for_backward(student, teacher, total, stats_s, stats_t, sums)
-    ctx.p, ctx.training = p, training
-    ctx.mark_non_differentiable(total, stats_s, stats_t, sums)
-
-
-def _backward(ctx, grad, *_unused):
-    student, teacher, total, stats_s, stats_t, sums = ctx.saved_tensors
-    teacher_grad = bool(ctx.needs_input_grad[1])
-    grad_s, grad_t = srd_backward(
-        grad, student, teacher, ctx.p, ctx.training, total, stats_s, stats_t, sums, teacher_grad
-    )
-    return grad_s, (grad_t if teacher_grad else None), *([None] * 7)
-
-
-srd_forward.register_autograd(_backward, setup_context=_setup_context)
+srd_backward.register_fake(srd_backward_fake)
+register_srd_autograd(srd_forward, srd_backward)
 register_kernels("srd", "triton", srd_forward, srd_backward)
