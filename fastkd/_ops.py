@@ -15,6 +15,36 @@ from fastkd.backends import register_kernels
 from fastkd.reference import loss_dtype
 
 
+def srd_backward_fake(grad, student, teacher, p, training, total, st_s, st_t, sums, t_grad):
+    """Fake kernel of an SRD backward op (compiled or Triton): gradients shaped like the
+    inputs, an empty (0,) teacher gradient unless t_grad."""
+    return torch.empty_like(student), (
+        torch.empty_like(teacher) if t_grad else teacher.new_empty((0,))
+    )
+
+
+def register_srd_autograd(forward_op, backward_op) -> None:
+    """Autograd formula of an SRD forward op through its backward op (same schema for the
+    compiled ``fastkd::srd_*`` and the Triton ``fastkd_triton::srd_*`` ops)."""
+
+    def setup_context(ctx, inputs, output):
+        student, teacher, p, _eps, training, *_running = inputs
+        _loss, total, stats_s, stats_t, sums = output
+        ctx.save_for_backward(student, teacher, total, stats_s, stats_t, sums)
+        ctx.p, ctx.training = p, training
+        ctx.mark_non_differentiable(total, stats_s, stats_t, sums)
+
+    def backward(ctx, grad, *_unused):
+        student, teacher, total, stats_s, stats_t, sums = ctx.saved_tensors
+        teacher_grad = bool(ctx.needs_input_grad[1])
+        grad_s, grad_t = backward_op(
+            grad, student, teacher, ctx.p, ctx.training, total, stats_s, stats_t, sums, teacher_grad
+        )
+        return grad_s, (grad_t if teacher_grad else None), *([None] * 7)
+
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
 def _register_fkd() -> None:
     @torch.library.register_fake("fastkd::fkd_forward")
     def _fkd_forward_fake(student, teachers, kd_weight, fr_weight):
@@ -77,28 +107,8 @@ def _register_srd() -> None:
             _acc_empty(student, (4, width), teacher),
         )
 
-    @torch.library.register_fake("fastkd::srd_backward")
-    def _srd_backward_fake(grad, student, teacher, p, training, total, st_s, st_t, sums, t_grad):
-        return torch.empty_like(student), (
-            torch.empty_like(teacher) if t_grad else teacher.new_empty((0,))
-        )
-
-    def setup_context(ctx, inputs, output):
-        student, teacher, p, _eps, training, *_running = inputs
-        _loss, total, stats_s, stats_t, sums = output
-        ctx.save_for_backward(student, teacher, total, stats_s, stats_t, sums)
-        ctx.p, ctx.training = p, training
-        ctx.mark_non_differentiable(total, stats_s, stats_t, sums)
-
-    def backward(ctx, grad, *_unused):
-        student, teacher, total, stats_s, stats_t, sums = ctx.saved_tensors
-        teacher_grad = bool(ctx.needs_input_grad[1])
-        grad_s, grad_t = torch.ops.fastkd.srd_backward(
-            grad, student, teacher, ctx.p, ctx.training, total, stats_s, stats_t, sums, teacher_grad
-        )
-        return grad_s, (grad_t if teacher_grad else None), *([None] * 7)
-
-    torch.library.register_autograd("fastkd::srd_forward", backward, setup_context=setup_context)
+    torch.library.register_fake("fastkd::srd_backward", srd_backward_fake)
+    register_srd_autograd("fastkd::srd_forward", torch.ops.fastkd.srd_backward)
     for backend in ("cpu", "cuda"):
         register_kernels(
             "srd", backend, torch.ops.fastkd.srd_forward, torch.ops.fastkd.srd_backward

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import fastkd
@@ -81,3 +83,45 @@ def assert_matches(fused, ref, tol, *, scales=(0.0, 0.0), buffers_tol=None, what
     for b, rb in zip(bufs, rbufs, strict=True):
         if b is not None:
             assert rel_err(b, rb) <= (buffers_tol or max(tol, 1e-6)), f"{what} running stats"
+
+
+def opcheck_srd_ops(forward_op, backward_op, student, teacher, buffers, grad=None):
+    """torch.library.opcheck of an SRD forward op in training and eval mode (p = 4), and of
+    its backward op on the forward's outputs with upstream ``grad`` unless backward_op is None."""
+    for training in (True, False):
+        args = (
+            student.clone().requires_grad_(),
+            teacher.clone().requires_grad_(),
+            4.0,
+            1e-4,
+            training,
+            *buffers,
+        )
+        torch.library.opcheck(forward_op, args)
+        if backward_op is None:
+            continue
+        out = forward_op(*[a.detach() if torch.is_tensor(a) else a for a in args])
+        bwd = (grad, student, teacher, 4.0, training, *out[1:], True)
+        torch.library.opcheck(backward_op, bwd)
+
+
+def assert_log_tiny_and_zero_grads(result):
+    """A ``run`` on identical inputs: loss log(float32's tiny) (finite), zero gradients."""
+    loss, gs, gt, _ = result
+    tiny = torch.tensor(torch.finfo(torch.float32).tiny, dtype=loss.dtype)
+    assert loss.item() == torch.log(tiny).item()
+    assert torch.all(gs == 0) and torch.all(gt == 0)
+
+
+def assert_nan_loss_keeps_student_stats(result, buffers):
+    """A train-mode ``run`` with a non-finite student feature: NaN loss, and the student's
+    running statistics left as they were."""
+    loss, _, _, bufs = result
+    assert math.isnan(loss.item())
+    assert torch.equal(bufs[0], buffers[0]) and torch.equal(bufs[1], buffers[1])
+
+
+def assert_same_runs(first, second):
+    """Two ``run`` results are bitwise equal: loss and both gradients."""
+    for a, b in zip(first[:3], second[:3], strict=True):
+        assert torch.equal(a, b)

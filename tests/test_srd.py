@@ -7,9 +7,13 @@ import pytest
 import torch
 from srd_helpers import (
     TOL,
+    assert_log_tiny_and_zero_grads,
     assert_matches,
+    assert_nan_loss_keeps_student_stats,
+    assert_same_runs,
     make_buffers,
     make_inputs,
+    opcheck_srd_ops,
     rel_err,
     run,
     train_grad_scales,
@@ -130,10 +134,7 @@ def test_identical_inputs_give_log_tiny_and_zero_gradient(dtype, training):
     x, _ = make_inputs(13, 6, dtype=dtype, seed=2)
     buffers = make_buffers(6)
     buffers[2:] = [b.clone() for b in buffers[:2]]  # same running statistics on both sides
-    loss, gs, gt, _ = run("cpu", x, x.clone(), 4.0, training, buffers)
-    tiny = torch.tensor(torch.finfo(torch.float32).tiny, dtype=loss.dtype)
-    assert loss.item() == torch.log(tiny).item()  # finite: log of float32's tiny
-    assert torch.all(gs == 0) and torch.all(gt == 0)
+    assert_log_tiny_and_zero_grads(run("cpu", x, x.clone(), 4.0, training, buffers))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -141,11 +142,12 @@ def test_non_finite_inputs_propagate_and_leave_running_stats(bad):
     student, teacher = make_inputs(9, 5, seed=4)
     student[3, 2] = bad
     buffers = make_buffers(5)
-    loss, gs, _, bufs = run("cpu", student, teacher, 4.0, True, buffers)
+    fused = run("cpu", student, teacher, 4.0, True, buffers)
     rloss, _, _, rbufs = run("reference64", student, teacher, 4.0, True, buffers)
-    assert math.isnan(loss.item()) and math.isnan(rloss.item())
+    assert_nan_loss_keeps_student_stats(fused, buffers)
+    assert math.isnan(rloss.item())
+    _, gs, _, bufs = fused
     assert torch.isnan(gs).any()
-    assert torch.equal(bufs[0], buffers[0]) and torch.equal(bufs[1], buffers[1])
     # The teacher side is finite, so its statistics are updated (as the reference does).
     assert not torch.equal(bufs[2], buffers[2])
     torch.testing.assert_close(bufs[2], rbufs[2], rtol=1e-6, atol=1e-7)
@@ -180,9 +182,7 @@ def test_non_contiguous_and_mixed_dtype_inputs():
 def test_deterministic():
     student, teacher = make_inputs(300, 130, seed=12)
     first = run("cpu", student, teacher, 4.5, True)
-    second = run("cpu", student, teacher, 4.5, True)
-    for a, b in zip(first[:3], second[:3], strict=True):
-        assert torch.equal(a, b)
+    assert_same_runs(first, run("cpu", student, teacher, 4.5, True))
 
 
 def test_running_stats_follow_reference_over_steps():
@@ -199,31 +199,15 @@ def test_running_stats_follow_reference_over_steps():
 
 def test_opcheck_compiled_ops():
     student, teacher = make_inputs(9, 5, dtype=torch.float64, seed=13)
-    mean_s, var_s, mean_t, var_t = [b.double() for b in make_buffers(5)]
-    for training in (True, False):
-        args = (
-            student.clone().requires_grad_(),
-            teacher.clone().requires_grad_(),
-            4.0,
-            1e-4,
-            training,
-            mean_s,
-            var_s,
-            mean_t,
-            var_t,
-        )
-        torch.library.opcheck(torch.ops.fastkd.srd_forward.default, args)
-        out = torch.ops.fastkd.srd_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
-        bwd = (
-            torch.tensor(1.5, dtype=torch.float64),
-            student,
-            teacher,
-            4.0,
-            training,
-            *out[1:],
-            True,
-        )
-        torch.library.opcheck(torch.ops.fastkd.srd_backward.default, bwd)
+    buffers = [b.double() for b in make_buffers(5)]
+    opcheck_srd_ops(
+        torch.ops.fastkd.srd_forward.default,
+        torch.ops.fastkd.srd_backward.default,
+        student,
+        teacher,
+        buffers,
+        grad=torch.tensor(1.5, dtype=torch.float64),
+    )
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -1,15 +1,17 @@
 """SRD CUDA kernels (and Triton on the GPU) against the float64 reference. Needs a CUDA device
 and an extension built with FASTKD_BUILD_CUDA=1; every test is marked ``gpu``."""
 
-import math
-
 import pytest
 import torch
 from srd_helpers import (
     TOL,
+    assert_log_tiny_and_zero_grads,
     assert_matches,
+    assert_nan_loss_keeps_student_stats,
+    assert_same_runs,
     make_buffers,
     make_inputs,
+    opcheck_srd_ops,
     rel_err,
     run,
     train_grad_scales,
@@ -79,24 +81,20 @@ def test_gpu_large_offset_identical_and_non_finite(backend):
     assert_matches(fused, oracle, TOL[torch.float32])
 
     (x,) = cuda(student)
-    loss, gs, gt, _ = run(backend, x, x.clone(), 4.0, True)
-    assert loss.item() == torch.log(torch.tensor(torch.finfo(torch.float32).tiny)).item()
-    assert torch.all(gs == 0) and torch.all(gt == 0)
+    assert_log_tiny_and_zero_grads(run(backend, x, x.clone(), 4.0, True))
 
     bad = student.clone()
     bad[500, 3] = float("nan")
     buffers = cuda(*make_buffers(40))
-    loss, _, _, bufs = run(backend, *cuda(bad, teacher), 4.0, True, buffers)
-    assert math.isnan(loss.item())
-    assert torch.equal(bufs[0], buffers[0]) and torch.equal(bufs[1], buffers[1])
+    assert_nan_loss_keeps_student_stats(
+        run(backend, *cuda(bad, teacher), 4.0, True, buffers), buffers
+    )
 
 
 def test_cuda_deterministic_and_matches_cpu():
     student, teacher = make_inputs(3000, 77, seed=33)
     first = run("cuda", *cuda(student, teacher), 4.5, True)
-    second = run("cuda", *cuda(student, teacher), 4.5, True)
-    for a, b in zip(first[:3], second[:3], strict=True):
-        assert torch.equal(a, b)
+    assert_same_runs(first, run("cuda", *cuda(student, teacher), 4.5, True))
     cpu = run("cpu", student, teacher, 4.5, True)
     for a, b in zip(first[:3], cpu[:3], strict=True):
         assert rel_err(a.cpu(), b) <= 2e-6
@@ -104,20 +102,8 @@ def test_cuda_deterministic_and_matches_cpu():
 
 def test_cuda_opcheck():
     student, teacher = cuda(*make_inputs(9, 5, dtype=torch.float64, seed=34))
-    mean_s, var_s, mean_t, var_t = cuda(*[b.double() for b in make_buffers(5)])
-    for training in (True, False):
-        args = (
-            student.clone().requires_grad_(),
-            teacher.clone().requires_grad_(),
-            4.0,
-            1e-4,
-            training,
-            mean_s,
-            var_s,
-            mean_t,
-            var_t,
-        )
-        torch.library.opcheck(torch.ops.fastkd.srd_forward.default, args)
+    buffers = cuda(*[b.double() for b in make_buffers(5)])
+    opcheck_srd_ops(torch.ops.fastkd.srd_forward.default, None, student, teacher, buffers)
 
 
 def test_cuda_compiled_module_step():

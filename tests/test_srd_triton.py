@@ -5,15 +5,17 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import (conftest does too)
 
-import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from srd_helpers import (  # noqa: E402
     TOL,
+    assert_log_tiny_and_zero_grads,
     assert_matches,
+    assert_nan_loss_keeps_student_stats,
     make_buffers,
     make_inputs,
+    opcheck_srd_ops,
     rel_err,
     run,
     train_grad_scales,
@@ -79,9 +81,7 @@ def test_triton_identical_inputs_and_zero_variance(tiles):
     x, _ = make_inputs(9, 6, dtype=torch.float32, seed=22)
     x[:, 1] = 3.0
     (x,) = on_device(x)
-    loss, gs, gt, _ = run("triton", x, x.clone(), 4.0, True)
-    assert loss.item() == torch.log(torch.tensor(torch.finfo(torch.float32).tiny)).item()
-    assert torch.all(gs == 0) and torch.all(gt == 0)
+    assert_log_tiny_and_zero_grads(run("triton", x, x.clone(), 4.0, True))
 
 
 def test_triton_non_finite_input_keeps_running_stats():
@@ -89,32 +89,18 @@ def test_triton_non_finite_input_keeps_running_stats():
     student[4, 0] = float("nan")
     student, teacher = on_device(student, teacher)
     buffers = on_device(*make_buffers(5))
-    loss, _, _, bufs = run("triton", student, teacher, 4.0, True, buffers)
-    assert math.isnan(loss.item())
-    assert torch.equal(bufs[0], buffers[0]) and torch.equal(bufs[1], buffers[1])
-    assert not torch.equal(bufs[2], buffers[2])
+    fused = run("triton", student, teacher, 4.0, True, buffers)
+    assert_nan_loss_keeps_student_stats(fused, buffers)
+    assert not torch.equal(fused[3][2], buffers[2])
 
 
 def test_triton_opcheck():
     student, teacher = on_device(*make_inputs(6, 5, dtype=torch.float32, seed=24))
-    mean_s, var_s, mean_t, var_t = on_device(*make_buffers(5))
-    for training in (True, False):
-        args = (
-            student.clone().requires_grad_(),
-            teacher.clone().requires_grad_(),
-            4.0,
-            1e-4,
-            training,
-            mean_s,
-            var_s,
-            mean_t,
-            var_t,
-        )
-        torch.library.opcheck(triton_srd.srd_forward, args)
-        out = triton_srd.srd_forward(*[a.detach() if torch.is_tensor(a) else a for a in args])
-        grad = torch.tensor(0.5, device=DEVICE)
-        bwd = (grad, student, teacher, 4.0, training, *out[1:], True)
-        torch.library.opcheck(triton_srd.srd_backward, bwd)
+    buffers = on_device(*make_buffers(5))
+    grad = torch.tensor(0.5, device=DEVICE)
+    opcheck_srd_ops(
+        triton_srd.srd_forward, triton_srd.srd_backward, student, teacher, buffers, grad=grad
+    )
 
 
 def test_triton_module_matches_cpu_module():

@@ -18,6 +18,7 @@
 #include <optional>
 #include <tuple>
 
+#include "fastkd/srd_host.h"
 #include "fastkd/srd_math.h"
 
 namespace fastkd {
@@ -27,34 +28,9 @@ constexpr int64_t kColBlock = 64;   // columns per task: 64 accumulators of each
 constexpr int64_t kRowChunk = 256;  // rows per first-level partial sum
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 1,
-              "fastkd::srd: student must be a non-empty 2-D tensor");
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "fastkd::srd: teacher must have the student's shape (B, D)");
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
-              "fastkd::srd: student and teacher must have the same dtype");
-  TORCH_CHECK(teacher.device() == student.device(),
-              "fastkd::srd: student and teacher are on different devices");
+  srd::check_pair(student, teacher);
   TORCH_CHECK(at::isFloatingType(student.scalar_type()),
               "fastkd::srd: features must be a floating dtype");
-}
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// (4, D) statistics from running buffers (eval mode): mean, var, centre = mean - z[0], rstd.
-at::Tensor stats_from_running(const at::Tensor& z, const std::optional<at::Tensor>& mean,
-                              const std::optional<at::Tensor>& var, double eps,
-                              at::ScalarType acc, const char* side) {
-  TORCH_CHECK(mean.has_value() && var.has_value(), "fastkd::srd: eval mode needs the ", side,
-              " running mean and running var");
-  const int64_t D = z.size(1);
-  TORCH_CHECK(mean->numel() == D && var->numel() == D, "fastkd::srd: ", side,
-              " running statistics must have shape (D,)");
-  const at::Tensor m = mean->to(z.device(), acc).reshape({D});
-  const at::Tensor v = var->to(z.device(), acc).reshape({D});
-  return at::stack({m, v, m - z.select(0, 0).to(acc), (v + eps).rsqrt()});
 }
 
 // Pass 1 for columns [j0, j0 + w): Welford on y = z - z[0, j] in chunks of kRowChunk rows,
@@ -171,15 +147,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   const int64_t B = student_in.size(0), D = student_in.size(1);
   TORCH_CHECK(!training || B >= 2, "fastkd::srd: training mode needs a batch of at least 2 rows");
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = acc_type_of(student);
+  const at::ScalarType acc = srd::acc_type_of(student);
   const auto opts = student.options().dtype(acc);
   at::Tensor stats_s, stats_t;
   if (training) {
     stats_s = at::empty({4, D}, opts);
     stats_t = at::empty({4, D}, opts);
   } else {
-    stats_s = stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
-    stats_t = stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
+    stats_s = srd::stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
+    stats_t = srd::stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
   }
   at::Tensor sums = at::empty({4, D}, opts);
   const int ip = srd::integer_power(p);
@@ -256,10 +232,8 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
   check_inputs(student_in, teacher_in);
   const int64_t B = student_in.size(0), D = student_in.size(1);
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = acc_type_of(student);
-  for (const at::Tensor* t : {&stats_s_in, &stats_t_in, &sums_in})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == 4 && t->size(1) == D,
-                "fastkd::srd_backward: statistics and sums must have shape (4, D)");
+  const at::ScalarType acc = srd::acc_type_of(student);
+  srd::check_backward_tables(stats_s_in, stats_t_in, sums_in, D);
   const at::Tensor stats_s = stats_s_in.to(acc).contiguous();
   const at::Tensor stats_t = stats_t_in.to(acc).contiguous();
   const at::Tensor sums = sums_in.to(acc).contiguous();

@@ -63,21 +63,20 @@ struct Traits;
 // kBK: K columns loaded per step. kPad: row padding of the shared tiles; WMMA needs leading
 // dimensions that are multiples of 8 halves, the CUDA-core loop only needs to dodge bank
 // conflicts.
-template <>
-struct Traits<__half> {
+// float16 and bfloat16 differ only in kType.
+struct HalfTraits {
   using acc = float;
-  static constexpr DType kType = DType::kHalf;
   static constexpr int kBK = 32, kPad = 8;
   static constexpr bool kTensorCores = true;
   static constexpr int kMinBlocks = 2;  // tile kernels: <= 128 registers, 2 blocks per SM
 };
 template <>
-struct Traits<__nv_bfloat16> {
-  using acc = float;
+struct Traits<__half> : HalfTraits {
+  static constexpr DType kType = DType::kHalf;
+};
+template <>
+struct Traits<__nv_bfloat16> : HalfTraits {
   static constexpr DType kType = DType::kBFloat16;
-  static constexpr int kBK = 32, kPad = 8;
-  static constexpr bool kTensorCores = true;
-  static constexpr int kMinBlocks = 2;  // tile kernels: <= 128 registers, 2 blocks per SM
 };
 template <>
 struct Traits<float> {

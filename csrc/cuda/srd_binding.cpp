@@ -9,6 +9,7 @@
 #include <optional>
 #include <tuple>
 
+#include "fastkd/srd_host.h"
 #include "fastkd/srd_math.h"
 #include "srd_cuda.h"
 
@@ -17,14 +18,7 @@ namespace {
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   TORCH_CHECK(student.is_cuda() && teacher.is_cuda(), "fastkd::srd: CUDA tensors expected");
-  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 1,
-              "fastkd::srd: student must be a non-empty 2-D tensor");
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "fastkd::srd: teacher must have the student's shape (B, D)");
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
-              "fastkd::srd: student and teacher must have the same dtype");
-  TORCH_CHECK(teacher.device() == student.device(),
-              "fastkd::srd: student and teacher are on different devices");
+  srd::check_pair(student, teacher);
 }
 
 srd_cuda::DType dtype_of(const at::Tensor& x) {
@@ -35,24 +29,6 @@ srd_cuda::DType dtype_of(const at::Tensor& x) {
     case at::kDouble: return srd_cuda::DType::kDouble;
     default: TORCH_CHECK(false, "fastkd::srd: unsupported dtype ", x.scalar_type());
   }
-}
-
-at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-// (4, D) statistics from running buffers (eval mode): mean, var, centre = mean - z[0], rstd.
-at::Tensor stats_from_running(const at::Tensor& z, const std::optional<at::Tensor>& mean,
-                              const std::optional<at::Tensor>& var, double eps,
-                              at::ScalarType acc, const char* side) {
-  TORCH_CHECK(mean.has_value() && var.has_value(), "fastkd::srd: eval mode needs the ", side,
-              " running mean and running var");
-  const int64_t D = z.size(1);
-  TORCH_CHECK(mean->numel() == D && var->numel() == D, "fastkd::srd: ", side,
-              " running statistics must have shape (D,)");
-  const at::Tensor m = mean->to(z.device(), acc).reshape({D});
-  const at::Tensor v = var->to(z.device(), acc).reshape({D});
-  return at::stack({m, v, m - z.select(0, 0).to(acc), (v + eps).rsqrt()});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forward_cuda(
@@ -67,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   const c10::cuda::CUDAGuard guard(student_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = acc_type_of(student);
+  const at::ScalarType acc = srd::acc_type_of(student);
   const auto opts = student.options().dtype(acc);
   const srd_cuda::Plan plan = srd_cuda::make_plan(B, D, student.get_device());
   at::Tensor workspace = at::empty({srd_cuda::workspace_elements(plan)}, opts);
@@ -80,8 +56,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
                                            workspace.data_ptr(), stats_s.data_ptr(),
                                            stats_t.data_ptr(), stream));
   } else {
-    stats_s = stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
-    stats_t = stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
+    stats_s = srd::stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
+    stats_t = srd::stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
   }
   at::Tensor sums = at::empty({4, D}, opts);
   at::Tensor total = at::empty({}, opts);
@@ -100,13 +76,11 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cuda(
     const at::Tensor& stats_t, const at::Tensor& sums, bool teacher_grad) {
   check_inputs(student_in, teacher_in);
   const int64_t B = student_in.size(0), D = student_in.size(1);
-  for (const at::Tensor* t : {&stats_s, &stats_t, &sums})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == 4 && t->size(1) == D,
-                "fastkd::srd_backward: statistics and sums must have shape (4, D)");
+  srd::check_backward_tables(stats_s, stats_t, sums, D);
   const c10::cuda::CUDAGuard guard(student_in.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = acc_type_of(student);
+  const at::ScalarType acc = srd::acc_type_of(student);
   const auto prep = [&](const at::Tensor& t) { return t.to(student.device(), acc).contiguous(); };
   const at::Tensor grad_acc = prep(grad), total_acc = prep(total);
   const at::Tensor ss = prep(stats_s), st = prep(stats_t), sm = prep(sums);

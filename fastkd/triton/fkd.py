@@ -168,6 +168,51 @@ def _kernel_tile(
 
 
 @triton.jit
+def _difference_tile(
+    s_ptr,
+    s_stride_r,
+    s_stride_c,
+    s_width,
+    t_ptrs,
+    t_strides_r,
+    t_strides_c,
+    t_widths,
+    inv_ptr,
+    B,
+    t_weight,
+    rows_i,
+    rows_j,
+    mask_i,
+    mask_j,
+    NUM_T: tl.constexpr,
+    TARGET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Tile (rows_i, rows_j) of rho_S - t_weight * sum_e rho_e, and the kernel tile of slot
+    TARGET (0: the student, e + 1: teacher slot e). ``inv_ptr`` holds (1 + NUM_T) rows of B
+    inverse norms, student first."""
+    rho = _kernel_tile(
+        s_ptr, s_stride_r, s_stride_c, s_width, inv_ptr, rows_i, rows_j, mask_i, mask_j,
+        BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+    )  # fmt: skip
+    diff = rho
+    own = rho
+    for e in tl.static_range(NUM_T):
+        rho_e = _kernel_tile(
+            t_ptrs[e], t_strides_r[e], t_strides_c[e], t_widths[e], inv_ptr + (e + 1) * B,
+            rows_i, rows_j, mask_i, mask_j, BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+        )  # fmt: skip
+        diff -= t_weight * rho_e
+        if e + 1 == TARGET:
+            own = rho_e
+    return diff, own
+
+
+@triton.jit
 def _fkd_forward_kernel(
     s_ptr,
     s_stride_r,
@@ -198,16 +243,11 @@ def _fkd_forward_kernel(
         rows_j = pid_j * BLOCK + tl.arange(0, BLOCK)
         mask_i = rows_i < B
         mask_j = rows_j < B
-        diff = _kernel_tile(
-            s_ptr, s_stride_r, s_stride_c, s_width, inv_ptr, rows_i, rows_j, mask_i, mask_j,
-            BLOCK, BLOCK, BLOCK_K, ACC, PRECISION,
+        diff, _ = _difference_tile(
+            s_ptr, s_stride_r, s_stride_c, s_width, t_ptrs, t_strides_r, t_strides_c, t_widths,
+            inv_ptr, B, t_weight, rows_i, rows_j, mask_i, mask_j,
+            NUM_T, 0, BLOCK, BLOCK, BLOCK_K, ACC, PRECISION,
         )  # fmt: skip
-        for e in tl.static_range(NUM_T):
-            rho_e = _kernel_tile(
-                t_ptrs[e], t_strides_r[e], t_strides_c[e], t_widths[e], inv_ptr + (e + 1) * B,
-                rows_i, rows_j, mask_i, mask_j, BLOCK, BLOCK, BLOCK_K, ACC, PRECISION,
-            )  # fmt: skip
-            diff -= t_weight * rho_e
         total = tl.sum(diff * diff)
         total = total * (1.0 + (pid_j > pid_i).to(ACC))  # the (J, I) tile is the transpose
         if ATOMIC:
@@ -270,20 +310,11 @@ def _fkd_backward_kernel(
     for j0 in range(0, B, BLOCK_N):
         rows_j = j0 + tl.arange(0, BLOCK_N)
         mask_j = rows_j < B
-        rho = _kernel_tile(
-            s_ptr, s_stride_r, s_stride_c, s_width, inv_ptr, rows_i, rows_j, mask_i, mask_j,
-            BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+        diff, own = _difference_tile(
+            s_ptr, s_stride_r, s_stride_c, s_width, t_ptrs, t_strides_r, t_strides_c, t_widths,
+            inv_ptr, B, t_weight, rows_i, rows_j, mask_i, mask_j,
+            NUM_T, TARGET, BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
         )  # fmt: skip
-        diff = rho
-        own = rho
-        for e in tl.static_range(NUM_T):
-            rho_e = _kernel_tile(
-                t_ptrs[e], t_strides_r[e], t_strides_c[e], t_widths[e], inv_ptr + (e + 1) * B,
-                rows_i, rows_j, mask_i, mask_j, BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
-            )  # fmt: skip
-            diff -= t_weight * rho_e
-            if e + 1 == TARGET:
-                own = rho_e
         row_dot += tl.sum(diff * own, axis=1)
         if LOSS:
             sq_rows += tl.sum(diff * diff, axis=1)
@@ -446,6 +477,14 @@ class _Problem:
         )  # fmt: skip
         return out.sum()
 
+    def loss(self, kd_sum: Tensor, kd_weight: float, fr_weight: float) -> Tensor:
+        """The loss in ``out_dtype`` from ``kd_sum`` = sum_ij (rho_S - rho_T)_ij^2."""
+        b, ds = self.student.shape
+        loss = kd_sum * (kd_weight / (b * b))
+        if fr_weight != 0.0:
+            loss = loss + self.sumsq.sum() * (fr_weight / (b * ds))
+        return loss.to(self.out_dtype)
+
     def gradient(
         self,
         target: int | None,
@@ -510,11 +549,7 @@ def fkd_forward(
     if deterministic is None:
         deterministic = DETERMINISTIC
     problem = _Problem(student, teachers, interpret)
-    b, ds = student.shape
-    loss = problem.forward(bool(deterministic)) * (kd_weight / (b * b))
-    if fr_weight != 0.0:
-        loss = loss + problem.sumsq.sum() * (fr_weight / (b * ds))
-    return loss.to(problem.out_dtype)
+    return problem.loss(problem.forward(bool(deterministic)), kd_weight, fr_weight)
 
 
 @fkd_forward.register_fake
@@ -579,21 +614,18 @@ def fkd_forward_backward(
     """
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
     problem = _Problem(student, teachers, interpret)
-    b, ds = student.shape
     one = torch.ones((), dtype=problem.acc, device=student.device)
     partials = torch.empty(
-        triton.cdiv(b, problem.cfg["BLOCK"]), dtype=problem.acc, device=one.device
+        triton.cdiv(student.shape[0], problem.cfg["BLOCK"]), dtype=problem.acc, device=one.device
     )
     grad_student = problem.gradient(None, one, kd_weight, fr_weight, student.dtype, partials)
-    loss = partials.sum() * (kd_weight / (b * b))
-    if fr_weight != 0.0:
-        loss = loss + problem.sumsq.sum() * (fr_weight / (b * ds))
+    loss = problem.loss(partials.sum(), kd_weight, fr_weight)
     grad_teachers = []
     if teachers_grad:
         grad_teachers = [
             problem.gradient(e, one, kd_weight, fr_weight, t.dtype) for e, t in enumerate(teachers)
         ]
-    return loss.to(problem.out_dtype), grad_student, grad_teachers
+    return loss, grad_student, grad_teachers
 
 
 @fkd_forward_backward.register_fake

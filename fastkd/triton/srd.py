@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastkd._ops import register_srd_autograd, srd_backward_fake
 from fastkd.backends import register_kernels
 from fastkd.reference import SRD_TINY
 from fastkd.triton import interpreter_enabled
@@ -66,15 +67,41 @@ def _power_terms(d, p, P_INT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
 
 
 @triton.jit
+def _program_block(B, D, rows_per_split, BLOCK_D: tl.constexpr):
+    """Columns `cols` (valid where `cmask`) and rows [r0, r1) of program (column block, split)."""
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    r0 = tl.program_id(1) * rows_per_split
+    r1 = tl.minimum(r0 + rows_per_split, B)
+    return cols, cmask, r0, r1
+
+
+@triton.jit
+def _row_tile(start, r1, cols, cmask, D, BLOCK_B: tl.constexpr):
+    """Mask and element offsets of rows [start, min(start + BLOCK_B, r1)) of columns `cols`."""
+    rows = start + tl.arange(0, BLOCK_B)
+    mask = (rows < r1)[:, None] & cmask[None, :]
+    offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+    return mask, offs
+
+
+@triton.jit
+def _store_rows(ptr, stride, row0, row1, row2, row3, cmask):
+    """Stores four column vectors as rows of a table: row k at ptr + k * stride."""
+    tl.store(ptr, row0, mask=cmask)
+    tl.store(ptr + stride, row1, mask=cmask)
+    tl.store(ptr + 2 * stride, row2, mask=cmask)
+    tl.store(ptr + 3 * stride, row3, mask=cmask)
+
+
+@triton.jit
 def _split_welford(z_ptr, cols, cmask, r0, r1, D, ACC: tl.constexpr, BLOCK_B: tl.constexpr):
     """(mean, m2) of y = z - z[0, col] over rows [r0, r1) of columns `cols`."""
     shift = tl.load(z_ptr + cols, mask=cmask, other=0.0).to(ACC)
     mean = tl.zeros(cols.shape, ACC)
     m2 = tl.zeros(cols.shape, ACC)
     for start in range(r0, r1, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
+        mask, offs = _row_tile(start, r1, cols, cmask, D, BLOCK_B)
         y = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC) - shift[None, :]
         y = tl.where(mask, y, 0.0)
         count = tl.minimum(r1 - start, BLOCK_B).to(ACC)
@@ -102,20 +129,11 @@ def _stats_partial_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    r0 = pid_r * rows_per_split
-    r1 = tl.minimum(r0 + rows_per_split, B)
+    cols, cmask, r0, r1 = _program_block(B, D, rows_per_split, BLOCK_D)
     mean_s, m2_s = _split_welford(zs_ptr, cols, cmask, r0, r1, D, ACC, BLOCK_B)
     mean_t, m2_t = _split_welford(zt_ptr, cols, cmask, r0, r1, D, ACC, BLOCK_B)
-    plane = n_splits * D
-    base = part_ptr + pid_r * D + cols
-    tl.store(base, mean_s, mask=cmask)
-    tl.store(base + plane, m2_s, mask=cmask)
-    tl.store(base + 2 * plane, mean_t, mask=cmask)
-    tl.store(base + 3 * plane, m2_t, mask=cmask)
+    base = part_ptr + tl.program_id(1) * D + cols
+    _store_rows(base, n_splits * D, mean_s, m2_s, mean_t, m2_t, cmask)
 
 
 @triton.jit
@@ -137,10 +155,7 @@ def _merge_splits(
         m2 = m2 + split_m2 + delta * delta * seen * frac
     var = m2 / B
     shift = tl.load(z_ptr + cols, mask=cmask, other=0.0).to(ACC)
-    tl.store(stats_ptr + cols, shift + mean, mask=cmask)
-    tl.store(stats_ptr + D + cols, var, mask=cmask)
-    tl.store(stats_ptr + 2 * D + cols, mean, mask=cmask)
-    tl.store(stats_ptr + 3 * D + cols, 1.0 / tl.sqrt(var + eps), mask=cmask)
+    _store_rows(stats_ptr + cols, D, shift + mean, var, mean, 1.0 / tl.sqrt(var + eps), cmask)
 
 
 @triton.jit
@@ -177,6 +192,13 @@ def _load_side(z_ptr, stats_ptr, cols, cmask, D, ACC: tl.constexpr):
 
 
 @triton.jit
+def _load_normalized(z_ptr, offs, mask, shift, centre, rstd, ACC: tl.constexpr):
+    """Batch-normalised values of a row tile of one side (garbage where not `mask`)."""
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(ACC)
+    return ((z - shift[None, :]) - centre[None, :]) * rstd[None, :]
+
+
+@triton.jit
 def _sums_partial_kernel(
     zs_ptr,
     zt_ptr,
@@ -193,37 +215,27 @@ def _sums_partial_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    cols, cmask, r0, r1 = _program_block(B, D, rows_per_split, BLOCK_D)
     p = tl.load(params_ptr)
     shift_s, centre_s, rstd_s = _load_side(zs_ptr, stats_s_ptr, cols, cmask, D, ACC)
     shift_t, centre_t, rstd_t = _load_side(zt_ptr, stats_t_ptr, cols, cmask, D, ACC)
-    r0 = pid_r * rows_per_split
-    r1 = tl.minimum(r0 + rows_per_split, B)
     acc_pow = tl.zeros(cols.shape, ACC)
     acc_h = tl.zeros(cols.shape, ACC)
     acc_hs = tl.zeros(cols.shape, ACC)
     acc_ht = tl.zeros(cols.shape, ACC)
     for start in range(r0, r1, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        zs = tl.load(zs_ptr + offs, mask=mask, other=0.0).to(ACC)
-        zt = tl.load(zt_ptr + offs, mask=mask, other=0.0).to(ACC)
-        s = tl.where(mask, ((zs - shift_s[None, :]) - centre_s[None, :]) * rstd_s[None, :], 0.0)
-        t = tl.where(mask, ((zt - shift_t[None, :]) - centre_t[None, :]) * rstd_t[None, :], 0.0)
+        mask, offs = _row_tile(start, r1, cols, cmask, D, BLOCK_B)
+        s = _load_normalized(zs_ptr, offs, mask, shift_s, centre_s, rstd_s, ACC)
+        t = _load_normalized(zt_ptr, offs, mask, shift_t, centre_t, rstd_t, ACC)
+        s = tl.where(mask, s, 0.0)
+        t = tl.where(mask, t, 0.0)
         value, h = _power_terms(s - t, p, P_INT, USE_LIBDEVICE)
         acc_pow += tl.sum(value, axis=0)
         acc_h += tl.sum(h, axis=0)
         acc_hs += tl.sum(h * s, axis=0)
         acc_ht += tl.sum(h * t, axis=0)
-    base = part_ptr + pid_r * 4 * D + cols
-    tl.store(base, acc_pow, mask=cmask)
-    tl.store(base + D, acc_h, mask=cmask)
-    tl.store(base + 2 * D, acc_hs, mask=cmask)
-    tl.store(base + 3 * D, acc_ht, mask=cmask)
+    base = part_ptr + tl.program_id(1) * 4 * D + cols
+    _store_rows(base, D, acc_pow, acc_h, acc_hs, acc_ht, cmask)
 
 
 @triton.jit
@@ -249,10 +261,7 @@ def _backward_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
+    cols, cmask, r0, r1 = _program_block(B, D, rows_per_split, BLOCK_D)
     shift_s, centre_s, rstd_s = _load_side(zs_ptr, stats_s_ptr, cols, cmask, D, ACC)
     shift_t, centre_t, rstd_t = _load_side(zt_ptr, stats_t_ptr, cols, cmask, D, ACC)
     p = tl.load(params_ptr)
@@ -265,16 +274,10 @@ def _backward_kernel(
         mean_h = tl.load(sums_ptr + D + cols, mask=cmask, other=0.0) / B
         mean_hs = tl.load(sums_ptr + 2 * D + cols, mask=cmask, other=0.0) / B
         mean_ht = tl.load(sums_ptr + 3 * D + cols, mask=cmask, other=0.0) / B
-    r0 = pid_r * rows_per_split
-    r1 = tl.minimum(r0 + rows_per_split, B)
     for start in range(r0, r1, BLOCK_B):
-        rows = start + tl.arange(0, BLOCK_B)
-        mask = (rows < r1)[:, None] & cmask[None, :]
-        offs = rows.to(tl.int64)[:, None] * D + cols[None, :]
-        zs = tl.load(zs_ptr + offs, mask=mask, other=0.0).to(ACC)
-        zt = tl.load(zt_ptr + offs, mask=mask, other=0.0).to(ACC)
-        s = ((zs - shift_s[None, :]) - centre_s[None, :]) * rstd_s[None, :]
-        t = ((zt - shift_t[None, :]) - centre_t[None, :]) * rstd_t[None, :]
+        mask, offs = _row_tile(start, r1, cols, cmask, D, BLOCK_B)
+        s = _load_normalized(zs_ptr, offs, mask, shift_s, centre_s, rstd_s, ACC)
+        t = _load_normalized(zt_ptr, offs, mask, shift_t, centre_t, rstd_t, ACC)
         _, h = _power_terms(s - t, p, P_INT, USE_LIBDEVICE)
         if TRAINING:
             gs = c * (h - mean_h[None, :] - s * mean_hs[None, :]) * rstd_s[None, :]
@@ -450,29 +453,6 @@ def srd_backward(
     return grad_s, grad_t
 
 
-@srd_backward.register_fake
-def _srd_backward_fake(grad, student, teacher, p, training, total, st_s, st_t, sums, t_grad):
-    return torch.empty_like(student), (
-        torch.empty_like(teacher) if t_grad else teacher.new_empty((0,))
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    student, teacher, p, _eps, training, *_running = inputs
-    _loss, total, stats_s, stats_t, sums = output
-    ctx.save_for_backward(student, teacher, total, stats_s, stats_t, sums)
-    ctx.p, ctx.training = p, training
-    ctx.mark_non_differentiable(total, stats_s, stats_t, sums)
-
-
-def _backward(ctx, grad, *_unused):
-    student, teacher, total, stats_s, stats_t, sums = ctx.saved_tensors
-    teacher_grad = bool(ctx.needs_input_grad[1])
-    grad_s, grad_t = srd_backward(
-        grad, student, teacher, ctx.p, ctx.training, total, stats_s, stats_t, sums, teacher_grad
-    )
-    return grad_s, (grad_t if teacher_grad else None), *([None] * 7)
-
-
-srd_forward.register_autograd(_backward, setup_context=_setup_context)
+srd_backward.register_fake(srd_backward_fake)
+register_srd_autograd(srd_forward, srd_backward)
 register_kernels("srd", "triton", srd_forward, srd_backward)
