@@ -8,9 +8,11 @@
 # everything under benchmarks/results/<cuda-device-name>/, ready to commit.
 #
 # Environment: PY (default .venv/bin/python if it exists, else python3), DTYPES (default
-# fp32,bf16,fp16), SWEEP=quick|default|full (default: default), MAX_JOBS for the CUDA build.
-# Budget: the default sweep is sized for a few minutes of GPU time plus the CUDA build;
-# SWEEP=full is a long run.
+# fp32,bf16,fp16), SWEEP=quick|default|full (default: default), MAX_JOBS for the CUDA build,
+# SWEEP_SECONDS (default 570): wall-clock budget of the whole call. Each stage is stopped with
+# SIGINT when the budget runs out and still writes what it measured (fastkd bench saves after
+# every op and dtype; pytest-benchmark writes its JSON at session end), so a machine lent for
+# 10 minutes a command gets results. SWEEP=full needs a larger SWEEP_SECONDS.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,19 +39,26 @@ mkdir -p "$OUT"
   > "$OUT/backends.json"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
+BUDGET=${SWEEP_SECONDS:-570}
+left() { echo $(( BUDGET - SECONDS > 30 ? BUDGET - SECONDS : 30 )); }
+
 echo "== fastkd bench ($SWEEP, $DTYPES) -> $OUT"
 level=()
 if [ "$SWEEP" = quick ]; then level=(--quick); fi
-"$PY" -m fastkd.cli bench --op all --device cuda --dtype "$DTYPES" --no-progress \
-  ${level[@]+"${level[@]}"} | tee "$OUT/bench.txt"
+# keep about 40% of what is left for the pytest-benchmark stage
+bench_seconds=$(( $(left) * 6 / 10 ))
+timeout --signal=INT --kill-after=30 "$bench_seconds" \
+  "$PY" -m fastkd.cli bench --op all --device cuda --dtype "$DTYPES" --no-progress \
+  ${level[@]+"${level[@]}"} | tee "$OUT/bench.txt" || echo "fastkd bench stopped early"
 
 echo "== pytest-benchmark suite -> $OUT/pytest-benchmark.json"
 full=()
 if [ "$SWEEP" = full ]; then full=(--bench-full); fi
-FASTKD_BENCH_DTYPES="$DTYPES" "$PY" -m pytest benchmarks/ -q -p no:cacheprovider \
+FASTKD_BENCH_DTYPES="$DTYPES" timeout --signal=INT --kill-after=30 "$(( $(left) - 15 ))" \
+  "$PY" -m pytest benchmarks/ -q -p no:cacheprovider \
   --bench-device cuda ${full[@]+"${full[@]}"} \
   --benchmark-json "$OUT/pytest-benchmark.json" --benchmark-sort name \
   --benchmark-group-by group --benchmark-columns median,iqr,min,rounds \
-  | tee "$OUT/pytest-benchmark.txt"
+  | tee "$OUT/pytest-benchmark.txt" || echo "pytest-benchmark stopped early or failed"
 
 echo "== results in $OUT"

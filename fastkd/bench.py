@@ -25,7 +25,8 @@ Memory measurement:
         touches (tensors, BLAS and OpenMP buffers), at page granularity.
 
 Outputs go to ``<out>/<device-name>/``: ``bench.csv``, ``bench.json`` (rows plus versions,
-device, date, git commit, measured peaks) and ``<op>-<dtype>-{time,memory}.png``.
+device, date, git commit, measured peaks), ``bench.md`` (the table in Markdown) and
+``<op>-<dtype>-{time,memory}.png``.
 
 The same table of op specs drives the pytest-benchmark suite in ``benchmarks/``.
 """
@@ -446,7 +447,8 @@ def device_name(device: torch.device | str) -> str:
 def free_memory(device: torch.device) -> int:
     """Bytes a benchmark may still allocate: free GPU memory, or the kernel's MemAvailable."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -790,9 +792,15 @@ def run_sweep(
     compiled: bool = True,
     variant_filter: Callable[[Variant], bool] = lambda v: True,
     progress: bool = True,
-    peaks: dict | None = None,
+    rows: list[Row] | None = None,
+    on_block: Callable[[list[Row]], None] | None = None,
 ) -> list[Row]:
-    """Measure every (op, dtype, size, variant); returns rows with ratios and rates filled in."""
+    """Measure every (op, dtype, size, variant) point, one (op, dtype) block at a time.
+
+    Rows are appended to ``rows`` as they are measured (so an interrupted sweep keeps what it
+    has) and ``on_block(rows)`` runs after each block. Ratios and rates are filled in by
+    :func:`fill_derived`.
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError:  # tqdm is an optional dependency: no progress bar then
@@ -801,19 +809,41 @@ def run_sweep(
         def tqdm(*args, **kwargs):
             return _NoBar()
 
-    plan = []
-    for spec in specs:
-        variants = [v for v in build_variants(spec, device, compiled=compiled) if variant_filter(v)]
-        for dtype in dtypes:
-            for case in sizes[spec.name]:
-                plan.append((spec, dtype, case, variants))
+    rows = [] if rows is None else rows
+    variants = {
+        spec.name: [v for v in build_variants(spec, device, compiled=compiled) if variant_filter(v)]
+        for spec in specs
+    }
     cpu_memory = settings.memory and device.type == "cpu"
-    total = sum(len(p[3]) for p in plan) * (2 if cpu_memory else 1)
-    bar = tqdm(total=total, desc="fastkd bench", unit="pt", disable=not progress, leave=False)
-    rows: list[Row] = []
-    history: dict[tuple, dict] = {}
-    for spec, dtype, case, variants in plan:
-        hist = history.setdefault((spec.name, dtype), {})
+    total = sum(len(variants[s.name]) * len(sizes[s.name]) for s in specs) * len(dtypes)
+    bar = tqdm(
+        total=total * (2 if cpu_memory else 1),
+        desc="fastkd bench",
+        unit="pt",
+        disable=not progress,
+        leave=False,
+    )
+    try:
+        for spec in specs:
+            for dtype in dtypes:
+                block = _time_block(
+                    spec, dtype, sizes[spec.name], variants[spec.name], device, settings, bar, rows
+                )
+                if cpu_memory:
+                    _cpu_memory_block(spec, dtype, block, settings, bar)
+                if on_block is not None:
+                    on_block(rows)
+    finally:
+        bar.close()
+    return rows
+
+
+def _time_block(spec, dtype, cases, variants, device, settings, bar, rows) -> list[Row]:
+    """Time every (case, variant) of one op and dtype; CUDA memory is measured here too."""
+    cpu_memory = settings.memory and device.type == "cpu"
+    history: dict = {}
+    block = []
+    for case in cases:
         for variant in variants:
             bar.set_postfix_str(
                 f"{spec.name} {DTYPE_NAMES[dtype]} {case.shape_label} {variant.label}"
@@ -828,9 +858,11 @@ def run_sweep(
                 backend=variant.backend,
                 impl=variant.impl,
                 algorithm=variant.algorithm(case),
+                status="running",
             )
             rows.append(row)
-            reason = skip_reason(spec, variant, case, dtype, device, settings, hist)
+            block.append(row)
+            reason = skip_reason(spec, variant, case, dtype, device, settings, history)
             if reason:
                 row.status, row.reason = "skipped", reason
                 bar.total -= 1 if cpu_memory else 0
@@ -844,13 +876,12 @@ def run_sweep(
                 row.repeats = len(steps)
                 row.fwd_ms, row.bwd_ms, row.step_ms = _ms(fwd), _ms(bwd), _ms(steps)
                 row.step_ms_min = 1e3 * min(steps)
-                hist[variant.label] = (
-                    row.step_ms / 1e3,
-                    spec.cost(case, _cost_impl(variant, case), dtype),
-                )
+                cost = spec.cost(case, _cost_impl(variant, case), dtype)
+                history[variant.label] = (row.step_ms / 1e3, cost)
                 if settings.memory and device.type == "cuda":
                     pf, ps = measure_step_memory(variant.fn, inputs, device)
                     row.peak_fwd_mib, row.peak_step_mib = pf / MiB, ps / MiB
+                row.status = "ok"
                 del inputs
             except Exception as exc:  # an OOM or a kernel error ends this point only
                 row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -858,31 +889,24 @@ def run_sweep(
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             bar.update(1)
-    if cpu_memory:
-        for spec in specs:
-            for dtype in dtypes:
-                name = DTYPE_NAMES[dtype]
-                todo = {
-                    (r.variant, r.case): r
-                    for r in rows
-                    if r.op == spec.name and r.dtype == name and r.status == "ok"
-                }
-                if not todo:
-                    continue
-                bar.set_postfix_str(f"peak RSS {spec.name} {name}")
-                for label, case, pf, ps, err in cpu_memory_points(
-                    spec, name, list(todo), settings.seed
-                ):
-                    row = todo[(label, case)]
-                    if err:
-                        row.reason = f"memory: {err[:200]}"
-                    else:
-                        row.peak_fwd_mib, row.peak_step_mib = pf / MiB, ps / MiB
-                    bar.set_postfix_str(f"peak RSS {spec.name} {name} {case.shape_label} {label}")
-                    bar.update(1)
-    bar.close()
-    fill_derived(rows, specs_by_name={s.name: s for s in specs}, device=device, peaks=peaks)
-    return rows
+    return block
+
+
+def _cpu_memory_block(spec, dtype, block, settings, bar) -> None:
+    """Peak RSS of the block's measured points, in one fresh subprocess."""
+    name = DTYPE_NAMES[dtype]
+    todo = {(r.variant, r.case): r for r in block if r.status == "ok"}
+    if not todo:
+        return
+    bar.set_postfix_str(f"peak RSS {spec.name} {name}")
+    for label, case, pf, ps, err in cpu_memory_points(spec, name, list(todo), settings.seed):
+        row = todo[(label, case)]
+        if err:
+            row.reason = f"memory: {err[:200]}"
+        else:
+            row.peak_fwd_mib, row.peak_step_mib = pf / MiB, ps / MiB
+        bar.set_postfix_str(f"peak RSS {spec.name} {name} {case.shape_label} {label}")
+        bar.update(1)
 
 
 class _NoBar:
@@ -906,6 +930,9 @@ def _cost_impl(variant: Variant, case: Case) -> str:
 
 def fill_derived(rows: list[Row], specs_by_name: dict, device: torch.device, peaks: dict | None):
     """Ratios against the references of the same point, and achieved rates of fused variants."""
+    for r in rows:
+        if r.status == "running":  # the sweep was interrupted at this point
+            r.status, r.reason = "skipped", "interrupted"
     by_point: dict[tuple, dict[str, Row]] = {}
     for r in rows:
         by_point.setdefault((r.op, r.dtype, r.case), {})[
@@ -976,25 +1003,35 @@ def _render(cells: Sequence[str], widths: Sequence[int]) -> str:
     return "  ".join(out).rstrip()
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """Plain-text table, one block per (op, dtype)."""
-    headers = [
-        "B",
-        "D",
-        "variant",
-        "fwd ms",
-        "bwd ms",
-        "step ms",
-        "vs eager",
-        "vs compiled",
-        "peak MiB",
-        "mem/eager",
-        "rate",
-        "% peak",
-    ]
-    blocks = []
-    keys = list(dict.fromkeys((r.op, r.dtype) for r in rows))
-    for op, dtype in keys:
+TABLE_HEADERS = (
+    "B",
+    "D",
+    "variant",
+    "fwd ms",
+    "bwd ms",
+    "step ms",
+    "vs eager",
+    "vs compiled",
+    "peak MiB",
+    "mem/eager",
+    "rate",
+    "% peak",
+)
+
+
+def _rate(r: Row) -> str:
+    if r.gflops_per_s is not None:
+        g = r.gflops_per_s
+        return f"{g / 1e3:.1f} TFLOP/s" if g >= 1e3 else f"{g:.1f} GFLOP/s"
+    if r.gbytes_per_s is not None:
+        return f"{r.gbytes_per_s:.1f} GB/s"
+    return "-"
+
+
+def _table_blocks(rows: Sequence[Row]):
+    """``(title, lines)`` per (op, dtype); a line is the cells of TABLE_HEADERS, or
+    (B, D, variant, message) for a skipped or failed point."""
+    for op, dtype in dict.fromkeys((r.op, r.dtype) for r in rows):
         lines = []
         for r in rows:
             if (r.op, r.dtype) != (op, dtype):
@@ -1006,12 +1043,6 @@ def format_table(rows: Sequence[Row]) -> str:
             if r.status != "ok":
                 lines.append([str(r.batch), width, label, f"{r.status}: {r.reason}"])
                 continue
-            if r.gflops_per_s is not None:
-                rate = f"{r.gflops_per_s:.1f} GFLOP/s"
-            elif r.gbytes_per_s is not None:
-                rate = f"{r.gbytes_per_s:.1f} GB/s"
-            else:
-                rate = "-"
             mem_ratio = None if r.memory_vs_eager is None else 100 * r.memory_vs_eager
             lines.append(
                 [
@@ -1025,21 +1056,42 @@ def format_table(rows: Sequence[Row]) -> str:
                     _fmt_x(r.speedup_vs_compiled),
                     _fmt(r.peak_step_mib, ".1f"),
                     _fmt(mem_ratio, ".1f") + ("%" if mem_ratio is not None else ""),
-                    rate,
+                    _rate(r),
                     _fmt(r.pct_of_peak, ".0f") + ("%" if r.pct_of_peak is not None else ""),
                 ]
             )
-        widths = [len(h) for h in headers]
+        yield f"{op.upper()} {dtype}", lines
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Plain-text table, one block per (op, dtype)."""
+    blocks = []
+    for title, lines in _table_blocks(rows):
+        widths = [len(h) for h in TABLE_HEADERS]
         for line in lines:
-            if len(line) == len(headers):
+            if len(line) == len(TABLE_HEADERS):
                 widths = [max(w, len(c)) for w, c in zip(widths, line, strict=True)]
-        title = f"{op.upper()} {dtype}"
+        rule = ["-" * w for w in widths]
+        body = [_render(x, widths) for x in lines]
         blocks.append(
-            "\n".join(
-                [title, _render(headers, widths), _render(["-" * w for w in widths], widths)]
-                + [_render(x, widths) for x in lines]
-            )
+            "\n".join([title, _render(TABLE_HEADERS, widths), _render(rule, widths)] + body)
         )
+    return "\n\n".join(blocks)
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The same table in Markdown, one block per (op, dtype)."""
+    blocks = []
+    for title, lines in _table_blocks(rows):
+        out = [f"**{title}**", "", "| " + " | ".join(TABLE_HEADERS) + " |"]
+        out.append(
+            "|" + "|".join("---" if i == 2 else "---:" for i in range(len(TABLE_HEADERS))) + "|"
+        )
+        for line in lines:
+            if len(line) != len(TABLE_HEADERS):
+                line = line[:3] + [line[3]] + [""] * (len(TABLE_HEADERS) - 4)
+            out.append("| " + " | ".join(line) + " |")
+        blocks.append("\n".join(out))
     return "\n\n".join(blocks)
 
 
@@ -1117,7 +1169,7 @@ def _csv_value(value):
 
 
 def write_results(rows: Sequence[Row], meta: dict, out_dir: Path) -> list[Path]:
-    """``bench.csv`` and ``bench.json`` in ``out_dir``; returns the paths written."""
+    """``bench.csv``, ``bench.json`` and ``bench.md`` in ``out_dir``; returns their paths."""
     out_dir.mkdir(parents=True, exist_ok=True)
     names = [f for f in Row.__dataclass_fields__]
     csv_path = out_dir / "bench.csv"
@@ -1126,11 +1178,13 @@ def write_results(rows: Sequence[Row], meta: dict, out_dir: Path) -> list[Path]:
         writer.writeheader()
         for r in rows:
             writer.writerow({k: _csv_value(v) for k, v in asdict(r).items()})
+    md_path = out_dir / "bench.md"
+    md_path.write_text(markdown_table(rows) + "\n")
     json_path = out_dir / "bench.json"
     with open(json_path, "w") as f:
         json.dump({"meta": meta, "rows": [asdict(r) for r in rows]}, f, indent=1)
         f.write("\n")
-    return [csv_path, json_path]
+    return [csv_path, json_path, md_path]
 
 
 def plot_results(rows: Sequence[Row], out_dir: Path) -> list[Path]:
@@ -1311,22 +1365,41 @@ def run(args: argparse.Namespace) -> int:
     meta["fkd_weights"] = {"kd_weight": FKD_KD_WEIGHT, "fr_weight": FKD_FR_WEIGHT}
     meta["srd_p"] = SRD_P
     meta["peaks"] = peaks = measure_peaks(device, dtypes, quick=args.quick)
-    rows = run_sweep(
-        specs,
-        device,
-        dtypes,
-        sizes,
-        settings,
-        compiled=not args.no_compile,
-        variant_filter=variant_filter,
-        progress=not args.no_progress,
-        peaks=peaks,
-    )
     out_dir = Path(args.out or _default_out()) / meta["device_name"]
+    specs_by_name = {s.name: s for s in specs}
+
+    def save(rows: list[Row]) -> list[Path]:
+        # after every (op, dtype) block, so a sweep cut short still leaves its results
+        fill_derived(rows, specs_by_name, device, peaks)
+        return write_results(rows, meta, out_dir)
+
+    rows: list[Row] = []
+    try:
+        run_sweep(
+            specs,
+            device,
+            dtypes,
+            sizes,
+            settings,
+            compiled=not args.no_compile,
+            variant_filter=variant_filter,
+            progress=not args.no_progress,
+            rows=rows,
+            on_block=save,
+        )
+    except KeyboardInterrupt:
+        meta["interrupted"] = True
+        print("interrupted: keeping the points measured so far", file=sys.stderr)
+    try:
+        meta["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        pass
+    paths = save(rows)
     model = cpu_model() if device.type == "cpu" else meta["gpu"]
     print(
         f"fastkd bench on {meta['device_name']} ({model}), torch {torch.__version__}, "
-        f"{meta['torch_threads']} threads, load average {meta.get('load_average')}"
+        f"{meta['torch_threads']} threads, load average {meta.get('load_average')} at the "
+        f"start, {meta.get('load_average_end')} at the end"
     )
     print(f"time: {meta['timing']}")
     print(f"memory: {meta['memory_method'] if settings.memory else 'not measured'}")
@@ -1334,7 +1407,6 @@ def run(args: argparse.Namespace) -> int:
     print()
     print(format_table(rows))
     print()
-    paths = write_results(rows, meta, out_dir)
     if not args.no_plots:
         paths += plot_results(rows, out_dir)
     print("wrote " + ", ".join(str(p) for p in paths))
