@@ -1,7 +1,8 @@
 """``fastkd bench``: speed and peak memory of every fused backend against the reference.
 
 For each op (a row of :data:`OP_SPECS`), dtype and size ``B x D``, every available variant runs
-a full training step (forward, then backward) ``N`` times after warm-up:
+a full training step (forward, then backward) ``N`` times after warm-up, the variants taking
+turns step by step (so load from other processes hits them alike):
 
 * fused variants: ``<backend>/<algorithm>`` (``cpu/tiled``, ``cpu/dual``, ``cpu/auto``,
   ``cuda/...``, ``triton/...``; SRD: ``<backend>/fused``),
@@ -194,7 +195,7 @@ def _elem(dtype: torch.dtype) -> int:
 # FKD (SPEC §1). Flop counts are those of the algorithms as specified:
 #   tiled  forward: upper-triangle tiles of both kernels, B^2 (Ds + Dt);
 #          backward: both kernels' tiles again, 2 B^2 (Ds + Dt), and (rho_S - rho_T) A, 2 B^2 Ds.
-#   dual   forward: A^T A, A^T T, T^T T, 2 B (Ds + Dt)^2 (float64);
+#   dual   forward: A^T A, A^T T, T^T T, 2 B (Ds^2 + Ds Dt + Dt^2) (float64);
 #          backward: A^T T, A^T A, A (A^T A), T (T^T A), 4 B Ds (Ds + Dt) (float64).
 #   eager  forward: both B x B kernels in full, 2 B^2 (Ds + Dt); backward 4 B^2 Ds; it also
 #          streams ~18 B x B fp32 matrices through memory and keeps ~5 of them alive.
@@ -213,7 +214,7 @@ def _fkd_cost(case: Case, impl: str, dtype: torch.dtype) -> Cost:
         )
     if impl == "dual":
         return Cost(
-            fwd_flops=2 * b * (ds + dt) ** 2,
+            fwd_flops=2 * b * (ds * ds + ds * dt + dt * dt),
             bwd_flops=4 * b * ds * (ds + dt),
             fwd_bytes=b * (ds + dt) * (_elem(dtype) + 8),
             bwd_bytes=4 * b * (ds + dt) * 8,
@@ -587,39 +588,61 @@ def zero_grads(tensors):
             t.grad = None
 
 
-def time_steps(
-    fn: Callable, inputs: tuple, device: torch.device, settings: Settings, extra_warmup: int = 0
-) -> tuple[list[float], list[float]]:
-    """Forward and backward seconds of ``repeats`` training steps after warm-up.
+def timed_step(fn: Callable, inputs: tuple, sync: Callable[[], None]) -> tuple[float, float]:
+    """One training step: clear grads, [sync] forward [sync] backward [sync]; (fwd, bwd) s."""
+    zero_grads(inputs)
+    sync()
+    t0 = time.perf_counter()
+    loss = fn(*inputs)
+    sync()
+    t1 = time.perf_counter()
+    loss.backward()
+    sync()
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1
 
-    Each step: clear grads, [sync] forward [sync] backward [sync]. The number of timed steps
-    fills ``settings.budget`` seconds, clamped to [min_repeats, repeats].
+
+def time_variants(
+    fns: dict[str, Callable],
+    inputs: tuple,
+    device: torch.device,
+    settings: Settings,
+    extra_warmup: dict[str, int] | None = None,
+) -> dict[str, tuple[list[float], list[float]] | Exception]:
+    """Forward and backward seconds of timed steps of several variants on the same inputs.
+
+    After warm-up, the variants take turns, one step each per round, so that a burst of load
+    from other processes hits them all alike and the ratios stay fair on a shared machine. Each
+    variant gets as many steps as fill ``settings.budget`` seconds, clamped to
+    [min_repeats, repeats]. A variant that raises is dropped; its exception is returned.
     """
     sync = synchronizer(device)
-
-    def step() -> tuple[float, float]:
-        zero_grads(inputs)
-        sync()
-        t0 = time.perf_counter()
-        loss = fn(*inputs)
-        sync()
-        t1 = time.perf_counter()
-        loss.backward()
-        sync()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
-
-    last = 0.0
-    for _ in range(max(1, settings.warmup + extra_warmup)):
-        last = sum(step())
-    reps = math.ceil(settings.budget / max(last, 1e-9))
-    reps = max(settings.min_repeats, min(settings.repeats, reps))
-    fwd, bwd = [], []
-    for _ in range(reps):
-        f, b = step()
-        fwd.append(f)
-        bwd.append(b)
-    return fwd, bwd
+    extra_warmup = extra_warmup or {}
+    results: dict = {}
+    reps: dict[str, int] = {}
+    for label, fn in fns.items():
+        try:
+            last = 0.0
+            for _ in range(max(1, settings.warmup + extra_warmup.get(label, 0))):
+                last = sum(timed_step(fn, inputs, sync))
+        except Exception as exc:  # an OOM or a kernel error ends this variant only
+            results[label] = exc
+            continue
+        n = math.ceil(settings.budget / max(last, 1e-9))
+        reps[label] = max(settings.min_repeats, min(settings.repeats, n))
+        results[label] = ([], [])
+    for round_ in range(max(reps.values(), default=0)):
+        for label, n in reps.items():
+            if round_ >= n or isinstance(results[label], Exception):
+                continue
+            try:
+                f, b = timed_step(fns[label], inputs, sync)
+            except Exception as exc:
+                results[label] = exc
+                continue
+            results[label][0].append(f)
+            results[label][1].append(b)
+    return results
 
 
 def _read_status_kib(keys: Sequence[str]) -> dict[str, int]:
@@ -843,14 +866,14 @@ def _time_block(spec, dtype, cases, variants, device, settings, bar, rows) -> li
     cpu_memory = settings.memory and device.type == "cpu"
     history: dict = {}
     block = []
+    name = DTYPE_NAMES[dtype]
     for case in cases:
+        bar.set_postfix_str(f"{spec.name} {name} {case.shape_label}")
+        runnable, by_label = {}, {}
         for variant in variants:
-            bar.set_postfix_str(
-                f"{spec.name} {DTYPE_NAMES[dtype]} {case.shape_label} {variant.label}"
-            )
             row = Row(
                 op=spec.name,
-                dtype=DTYPE_NAMES[dtype],
+                dtype=name,
                 batch=case.batch,
                 width=case.width,
                 teacher_width=case.teacher_width,
@@ -862,33 +885,46 @@ def _time_block(spec, dtype, cases, variants, device, settings, bar, rows) -> li
             )
             rows.append(row)
             block.append(row)
+            by_label[variant.label] = (variant, row)
             reason = skip_reason(spec, variant, case, dtype, device, settings, history)
             if reason:
                 row.status, row.reason = "skipped", reason
                 bar.total -= 1 if cpu_memory else 0
                 bar.update(1)
-                continue
-            try:
-                inputs = _inputs(spec, case, dtype, device, settings.seed)
-                extra = 1 if variant.impl == "compiled" else 0
-                fwd, bwd = time_steps(variant.fn, inputs, device, settings, extra_warmup=extra)
-                steps = [f + b for f, b in zip(fwd, bwd, strict=True)]
-                row.repeats = len(steps)
-                row.fwd_ms, row.bwd_ms, row.step_ms = _ms(fwd), _ms(bwd), _ms(steps)
-                row.step_ms_min = 1e3 * min(steps)
-                cost = spec.cost(case, _cost_impl(variant, case), dtype)
-                history[variant.label] = (row.step_ms / 1e3, cost)
-                if settings.memory and device.type == "cuda":
-                    pf, ps = measure_step_memory(variant.fn, inputs, device)
-                    row.peak_fwd_mib, row.peak_step_mib = pf / MiB, ps / MiB
-                row.status = "ok"
-                del inputs
-            except Exception as exc:  # an OOM or a kernel error ends this point only
-                row.status, row.reason = "error", f"{type(exc).__name__}: {str(exc)[:200]}"
+            else:
+                runnable[variant.label] = variant.fn
+        if not runnable:
+            continue
+        inputs = _inputs(spec, case, dtype, device, settings.seed)
+        extra = {label: 1 for label in runnable if label.endswith("/compiled")}
+        timings = time_variants(runnable, inputs, device, settings, extra_warmup=extra)
+        for label, result in timings.items():
+            variant, row = by_label[label]
+            if isinstance(result, Exception):
+                row.status = "error"
+                row.reason = f"{type(result).__name__}: {str(result)[:200]}"
                 bar.total -= 1 if cpu_memory else 0
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                bar.update(1)
+                continue
+            fwd, bwd = result
+            steps = [f + b for f, b in zip(fwd, bwd, strict=True)]
+            row.repeats = len(steps)
+            row.fwd_ms, row.bwd_ms, row.step_ms = _ms(fwd), _ms(bwd), _ms(steps)
+            row.step_ms_min = 1e3 * min(steps)
+            # the fastest step predicts the next size best: load bursts only slow steps down
+            cost = spec.cost(case, _cost_impl(variant, case), dtype)
+            history[label] = (row.step_ms_min / 1e3, cost)
+            row.status = "ok"
+            if settings.memory and device.type == "cuda":
+                try:
+                    pf, ps = measure_step_memory(variant.fn, inputs, device)
+                    row.peak_fwd_mib, row.peak_step_mib = pf / MiB, ps / MiB
+                except Exception as exc:
+                    row.reason = f"memory: {type(exc).__name__}: {str(exc)[:200]}"
             bar.update(1)
+        del inputs
     return block
 
 
@@ -1136,8 +1172,9 @@ def environment(device: torch.device) -> dict:
         "cpu_count": cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "backends": {k: v["available"] for k, v in fastkd.available_backends().items()},
-        "timing": "median of N training steps (forward then backward) after warm-up; "
-        "perf_counter around each phase, with torch.cuda.synchronize on CUDA",
+        "timing": "median of N training steps (forward then backward) after warm-up, variants "
+        "taking turns step by step; perf_counter around each phase, with "
+        "torch.cuda.synchronize on CUDA",
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
