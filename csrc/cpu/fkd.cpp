@@ -108,69 +108,97 @@ double mean_square(const at::Tensor& x_acc) {
   return total / (double(B) * double(D));
 }
 
-// One sweep over the upper triangle of the kernels, row block by row block. For row block I
-// the tiles J >= I are formed a column panel at a time by two GEMMs (student and teacher), so
-// the scratch memory is two kTile x kPanel panels whatever B is. In the panel the difference
+// The row blocks a task of the sweep owns, in "snake" order (k, 2T-1-k, 2T+k, ...): block I
+// costs ~(nb - I) tiles, so alternating ends balances the triangle across the T tasks.
+std::vector<int64_t> row_blocks_of_task(int64_t task, int64_t tasks, int64_t blocks) {
+  std::vector<int64_t> owned;
+  for (int64_t round = 0; round * tasks < blocks; ++round) {
+    const int64_t I = round % 2 == 0 ? round * tasks + task : (round + 1) * tasks - 1 - task;
+    if (I < blocks) owned.push_back(I);
+  }
+  return owned;
+}
+
+// One sweep over the upper triangle of the kernels. For row block I the tiles J >= I are
+// formed a column panel at a time by two GEMMs (student and teacher), so the scratch memory is
+// two kTile x kPanel panels per task whatever B is. In the panel the difference
 // rho_S - rho_T is formed once and used for everything asked:
 //   value:  sum of squares, weight 1 in the diagonal block and 2 elsewhere (symmetry);
 //   grads:  acc_I += D_IJ X_J and, for J != I, acc_J += D_IJ^T X_I, where X is the normalised
 //           student (acc_s) or teacher matrix (acc_t): each off-diagonal tile serves both rows.
-// Row blocks run in order and BLAS parallelises inside each GEMM, so no two threads ever
-// write the same accumulator row and the result does not depend on scheduling.
+// Threads: one parallel region for the whole sweep, each task owning whole row blocks and
+// running single-threaded GEMMs into its own accumulators (O(T B D) memory), added in task order
+// at the end. A region per panel (or BLAS threading inside each GEMM) meant a barrier every few
+// milliseconds, which collapses when another process holds a core. Results are bit-identical
+// from run to run for a given thread count.
 template <typename acc_t>
 double kernel_difference_sweep(const Normalized& n, bool want_value, at::Tensor* acc_student,
                                at::Tensor* acc_teacher) {
   const int64_t B = n.student.size(0);
   const auto opts = n.student.options();
-  at::Tensor s_panel = at::empty({kTile, std::min(kPanel, B)}, opts);
-  at::Tensor t_panel = at::empty({kTile, std::min(kPanel, B)}, opts);
-  const int64_t ld = s_panel.size(1);
+  const int64_t ld = std::min(kPanel, B);
+  const int64_t blocks = (B + kTile - 1) / kTile;
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<double> row_sums(want_value ? B : 0, 0.0);
-  if (acc_student) acc_student->zero_();
-  if (acc_teacher) acc_teacher->zero_();
-  for (int64_t i0 = 0; i0 < B; i0 += kTile) {
-    const int64_t ni = std::min(kTile, B - i0);
-    const at::Tensor a_i = n.student.narrow(0, i0, ni);
-    const at::Tensor t_i = n.teachers.narrow(0, i0, ni);
-    for (int64_t c0 = i0; c0 < B; c0 += ld) {
-      const int64_t nc = std::min(ld, B - c0);
-      const int64_t diag_end = std::max<int64_t>(i0 + ni - c0, 0);  // columns in block I
-      at::Tensor s = s_panel.narrow(0, 0, ni).narrow(1, 0, nc);
-      at::Tensor t = t_panel.narrow(0, 0, ni).narrow(1, 0, nc);
-      const at::Tensor a_c = n.student.narrow(0, c0, nc);
-      const at::Tensor t_c = n.teachers.narrow(0, c0, nc);
-      at::mm_out(s, a_i, a_c.t());
-      at::mm_out(t, t_i, t_c.t());
-      acc_t* sp = s_panel.data_ptr<acc_t>();
-      const acc_t* tp = t_panel.data_ptr<acc_t>();
-      const bool keep_difference = acc_student || acc_teacher;
-      at::parallel_for(0, ni, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          acc_t* srow = sp + r * ld;
-          const acc_t* trow = tp + r * ld;
-          if (want_value) {
-            acc_t diag = 0, off = 0;
-            for (int64_t c = 0; c < diag_end; ++c)
-              diag += fkd::squared_difference<acc_t>(srow[c], trow[c]);
-            for (int64_t c = diag_end; c < nc; ++c)
-              off += fkd::squared_difference<acc_t>(srow[c], trow[c]);
-            row_sums[i0 + r] += fkd::tile_weight<double>(0, 0) * diag +
-                                fkd::tile_weight<double>(0, 1) * off;
+  // Task 0 accumulates straight into the outputs; the others into their own buffers.
+  std::vector<at::Tensor> task_acc_s(tasks), task_acc_t(tasks);
+  for (int64_t k = 0; k < tasks; ++k) {
+    if (acc_student)
+      task_acc_s[k] = k == 0 ? acc_student->zero_() : at::zeros_like(*acc_student);
+    if (acc_teacher)
+      task_acc_t[k] = k == 0 ? acc_teacher->zero_() : at::zeros_like(*acc_teacher);
+  }
+  const bool keep_difference = acc_student || acc_teacher;
+
+  at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
+    at::Tensor s_panel = at::empty({kTile, ld}, opts);
+    at::Tensor t_panel = at::empty({kTile, ld}, opts);
+    acc_t* sp = s_panel.data_ptr<acc_t>();
+    const acc_t* tp = t_panel.data_ptr<acc_t>();
+    for (int64_t task = first_task; task < end_task; ++task) {
+      for (const int64_t I : row_blocks_of_task(task, tasks, blocks)) {
+        const int64_t i0 = I * kTile, ni = std::min(kTile, B - i0);
+        const at::Tensor a_i = n.student.narrow(0, i0, ni);
+        const at::Tensor t_i = n.teachers.narrow(0, i0, ni);
+        for (int64_t c0 = i0; c0 < B; c0 += ld) {
+          const int64_t nc = std::min(ld, B - c0);
+          const int64_t diag_end = std::max<int64_t>(i0 + ni - c0, 0);  // columns in block I
+          at::Tensor s = s_panel.narrow(0, 0, ni).narrow(1, 0, nc);
+          at::Tensor t = t_panel.narrow(0, 0, ni).narrow(1, 0, nc);
+          at::mm_out(s, a_i, n.student.narrow(0, c0, nc).t());
+          at::mm_out(t, t_i, n.teachers.narrow(0, c0, nc).t());
+          for (int64_t r = 0; r < ni; ++r) {
+            acc_t* srow = sp + r * ld;
+            const acc_t* trow = tp + r * ld;
+            if (want_value) {
+              acc_t diag = 0, off = 0;
+              for (int64_t c = 0; c < diag_end; ++c)
+                diag += fkd::squared_difference<acc_t>(srow[c], trow[c]);
+              for (int64_t c = diag_end; c < nc; ++c)
+                off += fkd::squared_difference<acc_t>(srow[c], trow[c]);
+              row_sums[i0 + r] += fkd::tile_weight<double>(0, 0) * diag +
+                                  fkd::tile_weight<double>(0, 1) * off;
+            }
+            if (keep_difference)
+              for (int64_t c = 0; c < nc; ++c) srow[c] -= trow[c];
           }
-          if (keep_difference)
-            for (int64_t c = 0; c < nc; ++c) srow[c] -= trow[c];
-        }
-      });
-      if (!keep_difference) continue;
-      for (auto [acc, x] : {std::pair{acc_student, &n.student}, std::pair{acc_teacher, &n.teachers}}) {
-        if (!acc) continue;
-        acc->narrow(0, i0, ni).addmm_(s, x->narrow(0, c0, nc));
-        if (nc > diag_end) {
-          acc->narrow(0, c0 + diag_end, nc - diag_end)
-              .addmm_(s.narrow(1, diag_end, nc - diag_end).t(), x->narrow(0, i0, ni));
+          if (!keep_difference) continue;
+          for (auto [acc, x] : {std::pair{&task_acc_s[task], &n.student},
+                                std::pair{&task_acc_t[task], &n.teachers}}) {
+            if (!acc->defined()) continue;
+            acc->narrow(0, i0, ni).addmm_(s, x->narrow(0, c0, nc));
+            if (nc > diag_end) {
+              acc->narrow(0, c0 + diag_end, nc - diag_end)
+                  .addmm_(s.narrow(1, diag_end, nc - diag_end).t(), x->narrow(0, i0, ni));
+            }
+          }
         }
       }
     }
+  });
+  for (int64_t k = 1; k < tasks; ++k) {
+    if (acc_student) acc_student->add_(task_acc_s[k]);
+    if (acc_teacher) acc_teacher->add_(task_acc_t[k]);
   }
   double total = 0;
   for (double v : row_sums) total += v;
