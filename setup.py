@@ -66,7 +66,10 @@ if _build_cuda:
     )
 else:
     extension = CppExtension(
-        "fastkd._C", _sources, include_dirs=_include, extra_compile_args={"cxx": _cxx_flags},
+        "fastkd._C",
+        _sources,
+        include_dirs=_include,
+        extra_compile_args={"cxx": _cxx_flags},
         extra_link_args=_link_flags,
     )
 
