@@ -45,7 +45,10 @@ if _want_cuda == "1" and not _build_cuda:
 
 _root = os.path.dirname(os.path.abspath(__file__))
 _include = [os.path.join(_root, "csrc", "include")]
-_cxx_flags = ["-O3"]
+# -fopenmp: ATen's at::parallel_for is an inline template that runs serially unless the
+# extension itself is compiled with OpenMP (libgomp resolves to the copy torch already loaded).
+_cxx_flags = ["-O3", "-fopenmp"]
+_link_flags = ["-fopenmp"]
 _sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
 
 if _build_cuda:
@@ -59,10 +62,15 @@ if _build_cuda:
             "cxx": _cxx_flags,
             "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"],
         },
+        extra_link_args=_link_flags,
     )
 else:
     extension = CppExtension(
-        "fastkd._C", _sources, include_dirs=_include, extra_compile_args={"cxx": _cxx_flags}
+        "fastkd._C",
+        _sources,
+        include_dirs=_include,
+        extra_compile_args={"cxx": _cxx_flags},
+        extra_link_args=_link_flags,
     )
 
 setup(

@@ -1,12 +1,13 @@
-// SRD (SPEC §3) on the CPU: LogSum of batch-normalised features, fused, O(D) extra memory.
+// SRD (SPEC §3) on the CPU: LogSum of batch-normalised features, fused, O(D) extra memory
+// (plus O(kMaxGroups D) partials).
 //
-// Work is split over blocks of kColBlock columns (at::parallel_for); a column's statistics only
-// need its own column, so one task runs both forward passes on its block while it is in cache:
-// pass 1 the shifted Welford statistics, pass 2 the per-column sums of |d|^p, h, h*s, h*t.
-// Rows are summed in chunks of kRowChunk (two-level sums), and S adds the column sums in a fixed
-// order in double, so results do not depend on the thread count. The backward pass is one
-// elementwise sweep that recomputes h. Input dtypes: float16/bfloat16/float32 (float32
-// arithmetic) and float64.
+// Work is split over tiles of whole row chunks x kPanel columns (at::parallel_for), so every pass
+// streams contiguous row segments; column blocks over row-major data touched one page per row
+// and defeated the prefetchers. Pass 1 gives per-tile shifted Welford statistics (kRowChunk-row
+// chunks merged with Chan's formula), pass 2 per-tile sums of |d|^p, h, h*s, h*t; the row groups
+// are merged in group order and S adds the column sums in a fixed order in double, so results do
+// not depend on the thread count. The backward pass is one elementwise sweep over the same tiles
+// that recomputes h. Input dtypes: float16/bfloat16/float32 (float32 arithmetic) and float64.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -24,48 +25,14 @@
 namespace fastkd {
 namespace {
 
-constexpr int64_t kColBlock = 64;   // columns per task: 64 accumulators of each kind
+constexpr int64_t kPanel = 512;     // columns per tile: 2 KB contiguous fp32 row segments
 constexpr int64_t kRowChunk = 256;  // rows per first-level partial sum
+constexpr int64_t kMaxGroups = 32;  // row groups of the forward tiles: partials are O(32 D)
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   srd::check_pair(student, teacher);
   TORCH_CHECK(at::isFloatingType(student.scalar_type()),
               "fastkd::srd: features must be a floating dtype");
-}
-
-// Pass 1 for columns [j0, j0 + w): Welford on y = z - z[0, j] in chunks of kRowChunk rows,
-// merged with Chan's formula. Writes the four rows of `stats` (row stride D).
-template <typename scalar_t, typename acc_t>
-void column_stats(const scalar_t* z, int64_t B, int64_t D, int64_t j0, int64_t w, acc_t eps,
-                  acc_t* stats) {
-  acc_t shift[kColBlock], n[kColBlock], mean[kColBlock], m2[kColBlock];
-  acc_t c_mean[kColBlock], c_m2[kColBlock];
-  for (int64_t c = 0; c < w; ++c) {
-    shift[c] = static_cast<acc_t>(z[j0 + c]);
-    n[c] = mean[c] = m2[c] = acc_t(0);
-  }
-  for (int64_t b0 = 0; b0 < B; b0 += kRowChunk) {
-    const int64_t b1 = std::min(B, b0 + kRowChunk);
-    for (int64_t c = 0; c < w; ++c) c_mean[c] = c_m2[c] = acc_t(0);
-    for (int64_t b = b0; b < b1; ++b) {
-      const acc_t inv_n = acc_t(1) / static_cast<acc_t>(b - b0 + 1);
-      const scalar_t* row = z + b * D + j0;
-      for (int64_t c = 0; c < w; ++c) {
-        srd::welford_add<acc_t>(c_mean[c], c_m2[c], static_cast<acc_t>(row[c]) - shift[c], inv_n);
-      }
-    }
-    const acc_t count = static_cast<acc_t>(b1 - b0);
-    for (int64_t c = 0; c < w; ++c)
-      srd::welford_merge<acc_t>(n[c], mean[c], m2[c], count, c_mean[c], c_m2[c]);
-  }
-  const acc_t inv_b = acc_t(1) / static_cast<acc_t>(B);
-  for (int64_t c = 0; c < w; ++c) {
-    const acc_t var = m2[c] * inv_b;
-    stats[srd::kMean * D + j0 + c] = shift[c] + mean[c];
-    stats[srd::kVar * D + j0 + c] = var;
-    stats[srd::kCentre * D + j0 + c] = mean[c];
-    stats[srd::kRstd * D + j0 + c] = srd::rstd<acc_t>(var, eps);
-  }
 }
 
 // Calls fn.template operator()<kIP>() with the exponent fixed at compile time for the common
@@ -84,7 +51,7 @@ void with_power(int ip, Fn&& fn) {
 // Per-column coefficients of one side, loaded once per task.
 template <typename acc_t>
 struct Side {
-  acc_t shift[kColBlock], centre[kColBlock], rstd[kColBlock];
+  acc_t shift[kPanel], centre[kPanel], rstd[kPanel];
 
   template <typename scalar_t>
   void load(const scalar_t* z, const acc_t* stats, int64_t D, int64_t j0, int64_t w) {
@@ -101,40 +68,72 @@ struct Side {
   }
 };
 
-// Pass 2 for columns [j0, j0 + w): sums over b of |d|^p, h, h*s, h*t into `sums` (row stride D).
-template <typename scalar_t, typename acc_t, int kIP>
-void column_sums(const scalar_t* zs, const scalar_t* zt, int64_t B, int64_t D, int64_t j0,
-                 int64_t w, const acc_t* stats_s, const acc_t* stats_t, acc_t p, int ip,
-                 acc_t* sums) {
-  Side<acc_t> s_side, t_side;
-  s_side.load(zs, stats_s, D, j0, w);
-  t_side.load(zt, stats_t, D, j0, w);
-  acc_t total[4][kColBlock], part[4][kColBlock];
-  for (int r = 0; r < 4; ++r)
-    for (int64_t c = 0; c < w; ++c) total[r][c] = acc_t(0);
-  for (int64_t b0 = 0; b0 < B; b0 += kRowChunk) {
-    const int64_t b1 = std::min(B, b0 + kRowChunk);
-    for (int r = 0; r < 4; ++r)
-      for (int64_t c = 0; c < w; ++c) part[r][c] = acc_t(0);
-    for (int64_t b = b0; b < b1; ++b) {
-      const scalar_t* rs = zs + b * D + j0;
-      const scalar_t* rt = zt + b * D + j0;
-      for (int64_t c = 0; c < w; ++c) {
-        const acc_t s = s_side.normalize(static_cast<acc_t>(rs[c]), c);
-        const acc_t t = t_side.normalize(static_cast<acc_t>(rt[c]), c);
-        acc_t value, h;
-        srd::power_terms<acc_t, kIP>(s - t, p, ip, value, h);
-        part[srd::kPow][c] += value;
-        part[srd::kH][c] += h;
-        part[srd::kHS][c] += h * s;
-        part[srd::kHT][c] += h * t;
-      }
-    }
-    for (int r = 0; r < 4; ++r)
-      for (int64_t c = 0; c < w; ++c) total[r][c] += part[r][c];
+namespace base {
+#include "srd_kernels.inc"
+}  // namespace base
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTKD_SRD_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "srd_kernels.inc"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// Runs fn with the namespace of the kernels this CPU supports.
+template <typename Fn>
+void with_isa(Fn&& fn) {
+#ifdef FASTKD_SRD_AVX2
+  static const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (has_avx2) return fn(avx2::Kernels{});
+#endif
+  fn(base::Kernels{});
+}
+
+// Tiles: row groups (whole kRowChunk chunks, at most kMaxGroups groups) x column
+// panels of kPanel. Depends on (B, D) only, so the summation order does too.
+struct Tile {
+  int64_t g, b0, b1, j0, w;
+};
+struct Tiling {
+  int64_t group_rows, n_groups, n_panels;
+  static Tiling make(int64_t B, int64_t D) {
+    const int64_t n_chunks = (B + kRowChunk - 1) / kRowChunk;
+    const int64_t rows = kRowChunk * ((n_chunks + kMaxGroups - 1) / kMaxGroups);
+    return {rows, (B + rows - 1) / rows, (D + kPanel - 1) / kPanel};
   }
-  for (int r = 0; r < 4; ++r)
-    for (int64_t c = 0; c < w; ++c) sums[r * D + j0 + c] = total[r][c];
+  int64_t count() const { return n_groups * n_panels; }
+  Tile at(int64_t i, int64_t B, int64_t D) const {
+    const int64_t g = i / n_panels, j0 = (i % n_panels) * kPanel;
+    return {g, g * group_rows, std::min(B, (g + 1) * group_rows), j0, std::min(kPanel, D - j0)};
+  }
+};
+
+// Merges the groups' (mean, m2) of y = z - z[0, j] in group order (Chan) and writes the four rows
+// of `stats`. part: (2, n_groups, D), mean then m2.
+template <typename scalar_t, typename acc_t>
+void merge_stats(const scalar_t* z, const acc_t* part, const Tiling& tiles, int64_t B, int64_t D,
+                 acc_t eps, acc_t* stats) {
+  const acc_t* pm = part;
+  const acc_t* pm2 = part + tiles.n_groups * D;
+  const acc_t inv_b = acc_t(1) / static_cast<acc_t>(B);
+  at::parallel_for(0, D, 1024, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      acc_t n = acc_t(0), mean = acc_t(0), m2 = acc_t(0);
+      for (int64_t g = 0; g < tiles.n_groups; ++g) {
+        const int64_t rows = std::min(B, (g + 1) * tiles.group_rows) - g * tiles.group_rows;
+        srd::welford_merge<acc_t>(n, mean, m2, static_cast<acc_t>(rows), pm[g * D + j],
+                                  pm2[g * D + j]);
+      }
+      const acc_t var = m2 * inv_b;
+      stats[srd::kMean * D + j] = static_cast<acc_t>(z[j]) + mean;
+      stats[srd::kVar * D + j] = var;
+      stats[srd::kCentre * D + j] = mean;
+      stats[srd::kRstd * D + j] = srd::rstd<acc_t>(var, eps);
+    }
+  });
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forward_cpu(
@@ -159,7 +158,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   }
   at::Tensor sums = at::empty({4, D}, opts);
   const int ip = srd::integer_power(p);
-  const int64_t n_blocks = (D + kColBlock - 1) / kColBlock;
+  const Tiling tiles = Tiling::make(B, D);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "srd_forward",
                                   [&] {
@@ -169,18 +168,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
     acc_t* ss = stats_s.data_ptr<acc_t>();
     acc_t* st = stats_t.data_ptr<acc_t>();
     acc_t* sm = sums.data_ptr<acc_t>();
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t j0 = blk * kColBlock, w = std::min(kColBlock, D - j0);
-        if (training) {
-          column_stats<scalar_t, acc_t>(zs, B, D, j0, w, static_cast<acc_t>(eps), ss);
-          column_stats<scalar_t, acc_t>(zt, B, D, j0, w, static_cast<acc_t>(eps), st);
-        }
-        with_power(ip, [&]<int kIP>() {
-          column_sums<scalar_t, acc_t, kIP>(zs, zt, B, D, j0, w, ss, st, static_cast<acc_t>(p),
-                                            ip, sm);
+    with_isa([&](auto isa) {
+      using K = decltype(isa);
+      if (training) {
+        at::Tensor part = at::empty({2, 2, tiles.n_groups, D}, opts);  // side, mean/m2, group
+        acc_t* pp = part.data_ptr<acc_t>();
+        const int64_t plane = tiles.n_groups * D;
+        at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const Tile tl = tiles.at(i, B, D);
+            acc_t* out = pp + tl.g * D + tl.j0;
+            K::template tile_stats<scalar_t, acc_t>(zs, D, tl.b0, tl.b1, tl.j0, tl.w, out,
+                                                     out + plane);
+            K::template tile_stats<scalar_t, acc_t>(zt, D, tl.b0, tl.b1, tl.j0, tl.w,
+                                                     out + 2 * plane, out + 3 * plane);
+          }
         });
+        merge_stats<scalar_t, acc_t>(zs, pp, tiles, B, D, static_cast<acc_t>(eps), ss);
+        merge_stats<scalar_t, acc_t>(zt, pp + 2 * plane, tiles, B, D, static_cast<acc_t>(eps), st);
       }
+      at::Tensor part = at::empty({tiles.n_groups, 4, D}, opts);
+      acc_t* pp = part.data_ptr<acc_t>();
+      at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const Tile tl = tiles.at(i, B, D);
+          with_power(ip, [&]<int kIP>() {
+            K::template tile_sums<scalar_t, acc_t, kIP>(zs, zt, D, tl.b0, tl.b1, tl.j0, tl.w, ss,
+                                                        st, static_cast<acc_t>(p), ip,
+                                                        pp + tl.g * 4 * D + tl.j0);
+          });
+        }
+      });
+      // Group partials added in group order: fixed, independent of the thread count.
+      at::parallel_for(0, D, 1024, [&](int64_t j0, int64_t j1) {
+        for (int64_t j = j0; j < j1; ++j)
+          for (int r = 0; r < 4; ++r) {
+            acc_t total = acc_t(0);
+            for (int64_t g = 0; g < tiles.n_groups; ++g) total += pp[(g * 4 + r) * D + j];
+            sm[r * D + j] = total;
+          }
+      });
     });
   });
 
@@ -192,37 +219,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   const at::Tensor total_t = at::scalar_tensor(total, opts);
   const at::Tensor loss = total_t.clamp_min(srd::kTiny).log();
   return {loss, total_t, stats_s, stats_t, sums};
-}
-
-// Backward sweep over columns [j0, j0 + w): recomputes s, t and h per element and writes the
-// gradients (gt may be null). mean_* are the column means of h, h*s, h*t; c = grad / S.
-template <typename scalar_t, typename acc_t, int kIP, bool kTraining>
-void backward_block(const scalar_t* zs, const scalar_t* zt, int64_t B, int64_t D, int64_t j0,
-                    int64_t w, const Side<acc_t>& s_side, const Side<acc_t>& t_side,
-                    const acc_t* mean_h, const acc_t* mean_hs, const acc_t* mean_ht, acc_t c,
-                    acc_t p, int ip, scalar_t* gs, scalar_t* gt) {
-  for (int64_t b = 0; b < B; ++b) {
-    const int64_t off = b * D + j0;
-    for (int64_t k = 0; k < w; ++k) {
-      const acc_t s = s_side.normalize(static_cast<acc_t>(zs[off + k]), k);
-      const acc_t t = t_side.normalize(static_cast<acc_t>(zt[off + k]), k);
-      acc_t value, h;
-      srd::power_terms<acc_t, kIP>(s - t, p, ip, value, h);
-      gs[off + k] = static_cast<scalar_t>(
-          kTraining ? srd::bn_backward_train<acc_t>(c, h, s, mean_h[k], mean_hs[k], s_side.rstd[k])
-                    : srd::bn_backward_eval<acc_t>(c, h, s_side.rstd[k]));
-    }
-    if (gt == nullptr) continue;
-    for (int64_t k = 0; k < w; ++k) {
-      const acc_t s = s_side.normalize(static_cast<acc_t>(zs[off + k]), k);
-      const acc_t t = t_side.normalize(static_cast<acc_t>(zt[off + k]), k);
-      acc_t value, h;
-      srd::power_terms<acc_t, kIP>(s - t, p, ip, value, h);
-      gt[off + k] = static_cast<scalar_t>(
-          kTraining ? srd::bn_backward_train<acc_t>(-c, h, t, mean_h[k], mean_ht[k], t_side.rstd[k])
-                    : srd::bn_backward_eval<acc_t>(-c, h, t_side.rstd[k]));
-    }
-  }
 }
 
 std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
@@ -241,7 +237,7 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
   at::Tensor grad_teacher =
       teacher_grad ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   const int ip = srd::integer_power(p);
-  const int64_t n_blocks = (D + kColBlock - 1) / kColBlock;
+  const Tiling tiles = Tiling::make(B, D);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "srd_backward",
                                   [&] {
@@ -256,24 +252,28 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
     const acc_t* sm = sums.const_data_ptr<acc_t>();
     scalar_t* gs = grad_student.data_ptr<scalar_t>();
     scalar_t* gt = teacher_grad ? grad_teacher.data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      Side<acc_t> s_side, t_side;
-      acc_t mean_h[kColBlock], mean_hs[kColBlock], mean_ht[kColBlock];
-      for (int64_t blk = begin; blk < end; ++blk) {
-        const int64_t j0 = blk * kColBlock, w = std::min(kColBlock, D - j0);
-        s_side.load(zs, ss, D, j0, w);
-        t_side.load(zt, st, D, j0, w);
-        for (int64_t k = 0; k < w; ++k) {
-          mean_h[k] = sm[srd::kH * D + j0 + k] * inv_b;
-          mean_hs[k] = sm[srd::kHS * D + j0 + k] * inv_b;
-          mean_ht[k] = sm[srd::kHT * D + j0 + k] * inv_b;
+    with_isa([&](auto isa) {
+      using K = decltype(isa);
+      at::parallel_for(0, tiles.count(), 1, [&](int64_t begin, int64_t end) {
+        Side<acc_t> s_side, t_side;
+        acc_t mean_h[kPanel], mean_hs[kPanel], mean_ht[kPanel];
+        for (int64_t i = begin; i < end; ++i) {
+          const Tile tl = tiles.at(i, B, D);
+          s_side.load(zs, ss, D, tl.j0, tl.w);
+          t_side.load(zt, st, D, tl.j0, tl.w);
+          for (int64_t k = 0; k < tl.w; ++k) {
+            mean_h[k] = sm[srd::kH * D + tl.j0 + k] * inv_b;
+            mean_hs[k] = sm[srd::kHS * D + tl.j0 + k] * inv_b;
+            mean_ht[k] = sm[srd::kHT * D + tl.j0 + k] * inv_b;
+          }
+          with_power(ip, [&]<int kIP>() {
+            auto* block = training ? &K::template backward_block<scalar_t, acc_t, kIP, true>
+                                   : &K::template backward_block<scalar_t, acc_t, kIP, false>;
+            block(zs, zt, tl.b0, tl.b1, D, tl.j0, tl.w, s_side, t_side, mean_h, mean_hs, mean_ht,
+                  c, pa, ip, gs, gt);
+          });
         }
-        with_power(ip, [&]<int kIP>() {
-          auto* block = training ? &backward_block<scalar_t, acc_t, kIP, true>
-                                 : &backward_block<scalar_t, acc_t, kIP, false>;
-          block(zs, zt, B, D, j0, w, s_side, t_side, mean_h, mean_hs, mean_ht, c, pa, ip, gs, gt);
-        });
-      }
+      });
     });
   });
   return {grad_student, grad_teacher};
