@@ -1,4 +1,4 @@
-"""The CUDA FKD kernels (csrc/cuda/fkd.cu, unchanged) run on the CPU emulator in
+"""The CUDA FKD and SRD kernels (csrc/cuda/fkd.cu and srd.cu, unchanged) run on the CPU emulator in
 csrc/cuda/emulator under AddressSanitizer + UBSan and must match the float64 reference: the one
 place CI without a GPU executes the device code itself, not only the shared per-element math."""
 
@@ -9,13 +9,25 @@ from pathlib import Path
 
 import pytest
 
-CHECK = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulator" / "check.py"
+EMULATOR = Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "emulator"
+CHECK = EMULATOR / "check.py"
+CHECK_SRD = EMULATOR / "check_srd.py"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
 def test_cuda_fkd_kernels_match_reference_on_the_emulator():
     run = subprocess.run(
         [sys.executable, str(CHECK), "--quick"], capture_output=True, text=True, timeout=900
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    assert "all cases match the reference" in run.stdout
+    assert "BAD " not in run.stdout and "FAILED" not in run.stdout
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
+def test_cuda_srd_kernels_match_reference_on_the_emulator():
+    run = subprocess.run(
+        [sys.executable, str(CHECK_SRD), "--quick"], capture_output=True, text=True, timeout=600
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "all cases match the reference" in run.stdout

@@ -10,6 +10,7 @@
 //                  (one block: column sums, S in double, the loss)
 //   backward:      backward_kernel, one elementwise pass recomputing h.
 // The per-element math is csrc/include/fastkd/srd_math.h, shared with the CPU kernels.
+// FASTKD_LAUNCH lets csrc/cuda/emulator run this file unchanged on the CPU (as for fkd.cu).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -18,6 +19,11 @@
 
 #include "fastkd/srd_math.h"
 #include "srd_cuda.h"
+
+#ifndef FASTKD_LAUNCH
+#define FASTKD_LAUNCH(kernel, grid, block, smem, stream, ...) \
+  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
+#endif
 
 namespace fastkd {
 namespace srd_cuda {
@@ -254,10 +260,10 @@ void launch_stats(const void* student, const void* teacher, const Plan& plan, do
   const auto* zs = static_cast<const scalar_t*>(student);
   const auto* zt = static_cast<const scalar_t*>(teacher);
   auto* part = static_cast<acc_t*>(workspace);
-  stats_partial_kernel<scalar_t><<<tile_grid(plan), dim3(kCols, kLanes), 0, stream>>>(
-      zs, zt, plan.batch, plan.width, plan.rows_per_split, plan.n_splits, part);
+  FASTKD_LAUNCH(stats_partial_kernel<scalar_t>, tile_grid(plan), dim3(kCols, kLanes), 0, stream,
+                zs, zt, plan.batch, plan.width, plan.rows_per_split, plan.n_splits, part);
   const unsigned blocks = static_cast<unsigned>((plan.width + kFinalThreads - 1) / kFinalThreads);
-  stats_finalize_kernel<scalar_t><<<blocks, kFinalThreads, 0, stream>>>(
+  FASTKD_LAUNCH(stats_finalize_kernel<scalar_t>, blocks, kFinalThreads, 0, stream,
       zs, zt, plan.batch, plan.width, plan.rows_per_split, plan.n_splits, acc_t(eps), part,
       static_cast<acc_t*>(stats_s), static_cast<acc_t*>(stats_t));
 }
@@ -268,11 +274,11 @@ void launch_sums(const void* student, const void* teacher, const Plan& plan, dou
                  void* total, void* loss, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
   auto* part = static_cast<acc_t*>(workspace);
-  sums_partial_kernel<scalar_t><<<tile_grid(plan), dim3(kCols, kLanes), 0, stream>>>(
+  FASTKD_LAUNCH(sums_partial_kernel<scalar_t>, tile_grid(plan), dim3(kCols, kLanes), 0, stream,
       static_cast<const scalar_t*>(student), static_cast<const scalar_t*>(teacher), plan.batch,
       plan.width, plan.rows_per_split, acc_t(p), srd::integer_power(p),
       static_cast<const acc_t*>(stats_s), static_cast<const acc_t*>(stats_t), part);
-  sums_finalize_kernel<acc_t><<<1, kFinalThreads, 0, stream>>>(
+  FASTKD_LAUNCH(sums_finalize_kernel<acc_t>, 1, kFinalThreads, 0, stream,
       part, plan.width, plan.n_splits, static_cast<acc_t*>(sums), static_cast<acc_t*>(total),
       static_cast<acc_t*>(loss));
 }
@@ -283,14 +289,16 @@ void launch_backward_impl(const void* grad, const void* total, const void* stude
                           const void* stats_t, const void* sums, void* grad_student,
                           void* grad_teacher, cudaStream_t stream) {
   using acc_t = typename AccOf<scalar_t>::type;
-  backward_kernel<scalar_t, kTraining, kTeacherGrad>
-      <<<tile_grid(plan), dim3(kCols, kLanes), 0, stream>>>(
+// The kernel's template arguments hold commas: pass them to FASTKD_LAUNCH as one macro name.
+#define FASTKD_SRD_BACKWARD_KERNEL backward_kernel<scalar_t, kTraining, kTeacherGrad>
+  FASTKD_LAUNCH(FASTKD_SRD_BACKWARD_KERNEL, tile_grid(plan), dim3(kCols, kLanes), 0, stream,
           static_cast<const acc_t*>(grad), static_cast<const acc_t*>(total),
           static_cast<const scalar_t*>(student), static_cast<const scalar_t*>(teacher),
           plan.batch, plan.width, plan.rows_per_split, acc_t(p), srd::integer_power(p),
           static_cast<const acc_t*>(stats_s), static_cast<const acc_t*>(stats_t),
           static_cast<const acc_t*>(sums), static_cast<scalar_t*>(grad_student),
           static_cast<scalar_t*>(grad_teacher));
+#undef FASTKD_SRD_BACKWARD_KERNEL
 }
 
 template <typename scalar_t>

@@ -1,4 +1,4 @@
-// CPU model of the parts of the CUDA execution model that csrc/cuda/fkd.cu uses, so that the file
+// CPU model of the parts of the CUDA execution model that csrc/cuda/fkd.cu and srd.cu use, so that the file
 // compiles unchanged with g++ and runs here (no GPU needed): blocks run one at a time, one
 // std::thread per CUDA thread, std::barrier for __syncthreads and the warp shuffles. Dynamic
 // shared memory starts as NaN bytes (a read before a write shows up in the results), and
@@ -47,6 +47,7 @@ inline std::barrier<>* block_barrier = nullptr;
 inline std::vector<std::barrier<>*> warp_barriers;
 inline double warp_slots[64][32];
 inline long launches = 0;
+inline int sm_count = 132;  // what cudaDeviceGetAttribute(MultiProcessorCount) reports
 
 inline void fail(const char* what) {
   std::fprintf(stderr, "EMULATION ERROR: %s\n", what);
@@ -61,10 +62,11 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, F body) {
     if (it == smem_limit.end() || size_t(it->second) < smem) fail("dynamic smem > 48 KB without attribute");
   }
   if (smem > 227 * 1024) fail("dynamic smem over the sm_90 limit");
-  if (block.y != 1 || block.z != 1 || block.x % 32 != 0) fail("block shape");
+  // Threads are numbered x fastest, then y; warps are 32 consecutive numbers, as on a GPU.
+  if (block.z != 1 || (block.x * block.y) % 32 != 0 || block.x * block.y > 1024) fail("block shape");
   gridDim = grid;
   blockDim = block;
-  const unsigned n = block.x;
+  const unsigned n = block.x * block.y;
   std::barrier<> bar(n);
   block_barrier = &bar;
   std::vector<std::barrier<>*> wb;
@@ -83,7 +85,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, F body) {
         threads.reserve(n);
         for (unsigned t = 0; t < n; ++t)
           threads.emplace_back([&, t] {
-            threadIdx = dim3(t);
+            threadIdx = dim3(t % block.x, t / block.x);
             blockIdx = dim3(x, y, z);
             body();
           });
@@ -95,7 +97,7 @@ void launch(const void* kernel, dim3 grid, dim3 block, size_t smem, F body) {
 
 template <typename V>
 V shfl_xor(V v, int mask) {
-  const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const unsigned id = threadIdx.y * blockDim.x + threadIdx.x, warp = id / 32, lane = id % 32;
   warp_slots[warp][lane] = double(v);
   warp_barriers[warp]->arrive_and_wait();
   const V r = V(warp_slots[warp][lane ^ unsigned(mask)]);
@@ -124,8 +126,13 @@ inline cudaError_t cudaMemsetAsync(void* p, int v, size_t n, cudaStream_t) {
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return cudaSuccess; }
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
+  if (attr != cudaDevAttrMultiProcessorCount) return cudaErrorInvalidValue;
+  *value = mock::sm_count;
+  return cudaSuccess;
+}
 
-// fkd.cu takes its launch syntax and its dynamic shared memory from here.
+// fkd.cu and srd.cu take their launch syntax and its dynamic shared memory from here.
 #define FASTKD_EMULATE 1
 #define FASTKD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   mock::launch(reinterpret_cast<const void*>(&kernel), dim3(grid), dim3(block), (smem), \
