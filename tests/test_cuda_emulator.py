@@ -15,19 +15,10 @@ CHECK_SRD = EMULATOR / "check_srd.py"
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
-def test_cuda_fkd_kernels_match_reference_on_the_emulator():
+@pytest.mark.parametrize("checker,timeout", [(CHECK, 900), (CHECK_SRD, 600)], ids=["fkd", "srd"])
+def test_cuda_kernels_match_reference_on_the_emulator(checker, timeout):
     run = subprocess.run(
-        [sys.executable, str(CHECK), "--quick"], capture_output=True, text=True, timeout=900
-    )
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    assert "all cases match the reference" in run.stdout
-    assert "BAD " not in run.stdout and "FAILED" not in run.stdout
-
-
-@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++ to build the emulator")
-def test_cuda_srd_kernels_match_reference_on_the_emulator():
-    run = subprocess.run(
-        [sys.executable, str(CHECK_SRD), "--quick"], capture_output=True, text=True, timeout=600
+        [sys.executable, str(checker), "--quick"], capture_output=True, text=True, timeout=timeout
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
     assert "all cases match the reference" in run.stdout

@@ -58,21 +58,29 @@ CASES = [
 QUICK = [0, 3, 6, 7, 9, 13]
 
 
-def build(sanitize: str) -> Path:
-    out = ROOT / "build" / "cuda_emulator" / f"emulator_{sanitize}"
-    sources = [HERE / "emulator.cpp", HERE.parent / "fkd.cu", HERE.parent / "fkd_cuda.h"]
-    sources += list((HERE / "mock").glob("*.h")) + [ROOT / "csrc/include/fastkd/fkd_math.h"]
-    if out.exists() and all(out.stat().st_mtime > s.stat().st_mtime for s in sources):
+def compile_emulator(name: str, sources: list[Path], sanitize: str, flags=()) -> Path:
+    """g++ build of the driver ``sources[0]`` with a sanitizer, redone only when any of
+    ``sources`` (or the mock headers) is newer than the binary."""
+    out = ROOT / "build" / "cuda_emulator" / f"{name}_{sanitize}"
+    deps = list(sources) + list((HERE / "mock").glob("*.h"))
+    if out.exists() and all(out.stat().st_mtime > s.stat().st_mtime for s in deps):
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    flags = {"address": "address,undefined", "thread": "thread"}[sanitize]
-    cmd = ["g++", "-std=c++20", "-O1", "-g", "-Wall", "-Wno-unknown-pragmas"]
-    cmd += ["-Wno-unused-parameter", f"-fsanitize={flags}", "-fno-sanitize-recover=all"]
+    sanitizers = {"address": "address,undefined", "thread": "thread"}[sanitize]
+    cmd = ["g++", "-std=c++20", "-O1", "-g", "-Wall", "-Wno-unknown-pragmas", *flags]
+    cmd += ["-Wno-unused-parameter", f"-fsanitize={sanitizers}", "-fno-sanitize-recover=all"]
     cmd += ["-I", str(HERE / "mock"), "-I", str(ROOT / "csrc/include"), "-I", str(HERE.parent)]
-    cmd += [str(HERE / "emulator.cpp"), "-o", str(out), "-pthread"]
+    cmd += [str(sources[0]), "-o", str(out), "-pthread"]
     print("building:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
     return out
+
+
+def build(sanitize: str) -> Path:
+    sources = [HERE / "emulator.cpp", HERE.parent / "fkd.cu", HERE.parent / "fkd_cuda.h"]
+    return compile_emulator(
+        "emulator", sources + [ROOT / "csrc/include/fastkd/fkd_math.h"], sanitize
+    )
 
 
 def _reference64(student, teachers, kd, fr, tg):
@@ -166,19 +174,24 @@ def run_case(exe, b, ds, dts, dtype, opts) -> bool:
     return ok
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(description: str, build_fn, run_case, cases, quick) -> int:
+    """The command line both checkers share: pick cases, build, run, summarise."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--sanitize", choices=["address", "thread"], default="address")
     parser.add_argument("--quick", action="store_true", help="a few representative cases")
     parser.add_argument("--cases", help="comma-separated indices into CASES")
     args = parser.parse_args()
-    exe = build(args.sanitize)
+    exe = build_fn(args.sanitize)
     chosen = [int(i) for i in args.cases.split(",")] if args.cases else None
-    chosen = QUICK if args.quick and chosen is None else chosen
-    cases = CASES if chosen is None else [CASES[i] for i in chosen]
-    ok = all([run_case(exe, *case) for case in cases])
+    chosen = quick if args.quick and chosen is None else chosen
+    picked = cases if chosen is None else [cases[i] for i in chosen]
+    ok = all([run_case(exe, *case) for case in picked])
     print("all cases match the reference" if ok else "MISMATCHES")
     return 0 if ok else 1
+
+
+def main() -> int:
+    return cli(__doc__.splitlines()[0], build, run_case, CASES, QUICK)
 
 
 if __name__ == "__main__":

@@ -18,33 +18,13 @@
 
 #include <string>
 
+#include "mock/emulator_io.h"
+
 using namespace fastkd::srd_cuda;
 
-namespace {
-
-std::vector<unsigned char> read_file(const std::string& path, size_t bytes) {
-  FILE* f = std::fopen(path.c_str(), "rb");
-  if (f == nullptr) mock::fail(path.c_str());
-  std::vector<unsigned char> data(bytes);
-  if (std::fread(data.data(), 1, bytes, f) != bytes) mock::fail("short read");
-  std::fclose(f);
-  return data;
-}
-
-void write_file(const std::string& path, const void* data, size_t bytes) {
-  FILE* f = std::fopen(path.c_str(), "wb");
-  if (f == nullptr) mock::fail(path.c_str());
-  std::fwrite(data, 1, bytes, f);
-  std::fclose(f);
-}
-
-void* garbage(size_t bytes) {
-  void* p = std::malloc(bytes ? bytes : 1);
-  std::memset(p, 0xFF, bytes);
-  return p;
-}
-
-}  // namespace
+using emulator_io::garbage;
+using emulator_io::read_file;
+using emulator_io::write_file;
 
 int main(int argc, char** argv) {
   if (argc != 11) mock::fail("usage: srd_emulator DIR DTYPE B D P EPS TRAINING TG ROWS SMS");
