@@ -31,9 +31,10 @@ build: $(VENV)/.built
 demo: build
 	$(VENV)/bin/fastkd demo
 
+# The benchmark suite runs once untimed (--benchmark-disable) beside the tests so it never rots.
 test: build
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra tests benchmarks --benchmark-disable
 
 # The GPU suite, for a machine with a CUDA device (one call: set-up, CUDA build, GPU tests).
 # Triton must run compiled there, not in the interpreter the CPU suite uses.

@@ -693,9 +693,11 @@ def measure_step_memory(fn: Callable, inputs: tuple, device: torch.device) -> tu
         _reset_peak_rss()
         base = _read_status_kib(("VmRSS",))["VmRSS"]
         loss = fn(*inputs)
-        peak_fwd = _read_status_kib(("VmHWM",))["VmHWM"] - base
+        peak_fwd = max(_read_status_kib(("VmHWM",))["VmHWM"] - base, 0)
         loss.backward()
-        peak_step = _read_status_kib(("VmHWM",))["VmHWM"] - base
+        # The kernel's RSS counters are per-CPU approximations (a few pages off), so a
+        # later VmHWM can read below an earlier one; the step includes its forward.
+        peak_step = max(_read_status_kib(("VmHWM",))["VmHWM"] - base, peak_fwd)
     del loss
     zero_grads(inputs)
     return peak_fwd, peak_step
