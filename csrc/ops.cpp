@@ -31,6 +31,18 @@ TORCH_LIBRARY(fastkd, m) {
       "srd_backward(Tensor grad, Tensor student, Tensor teacher, float p, bool training, "
       "Tensor total, Tensor stats_s, Tensor stats_t, Tensor sums, bool teacher_grad) -> "
       "(Tensor grad_student, Tensor grad_teacher)");
+
+  // RKD distance (SPEC §2). student (B, Ds), teacher (B, Dt), B >= 2. Returns the 0-dim loss in
+  // the accumulation dtype.
+  m.def("rkd_forward(Tensor student, Tensor teacher) -> Tensor");
+  // Gradient of rkd_forward scaled by `grad`; grad_teacher is empty unless teacher_grad.
+  m.def(
+      "rkd_backward(Tensor grad, Tensor student, Tensor teacher, bool teacher_grad) -> "
+      "(Tensor grad_student, Tensor grad_teacher)");
+  // Loss and its gradients (for grad = 1) from one set of sweeps.
+  m.def(
+      "rkd_forward_backward(Tensor student, Tensor teacher, bool teacher_grad) -> "
+      "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
 }
 
 // `import fastkd._C` loads this shared object, which runs the registrations above; the Python

@@ -115,6 +115,47 @@ def _register_srd() -> None:
         )
 
 
+def _register_rkd() -> None:
+    @torch.library.register_fake("fastkd::rkd_forward")
+    def _rkd_forward_fake(student, teacher):
+        return student.new_empty((), dtype=loss_dtype(student, teacher))
+
+    def _grads_fake(student, teacher, teacher_grad):
+        return torch.empty_like(student), (
+            torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+        )
+
+    @torch.library.register_fake("fastkd::rkd_backward")
+    def _rkd_backward_fake(grad, student, teacher, teacher_grad):
+        return _grads_fake(student, teacher, teacher_grad)
+
+    @torch.library.register_fake("fastkd::rkd_forward_backward")
+    def _rkd_forward_backward_fake(student, teacher, teacher_grad):
+        return _rkd_forward_fake(student, teacher), *_grads_fake(student, teacher, teacher_grad)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        student, teacher = ctx.saved_tensors
+        teacher_grad = bool(ctx.needs_input_grad[1])
+        grad_s, grad_t = torch.ops.fastkd.rkd_backward(grad, student, teacher, teacher_grad)
+        return (
+            grad_s if ctx.needs_input_grad[0] else None,
+            grad_t if teacher_grad else None,
+        )
+
+    torch.library.register_autograd("fastkd::rkd_forward", backward, setup_context=setup_context)
+    register_kernels(
+        "rkd",
+        "cpu",
+        torch.ops.fastkd.rkd_forward,
+        torch.ops.fastkd.rkd_backward,
+        torch.ops.fastkd.rkd_forward_backward,
+    )
+
+
 if _extension.loaded():
     _register_fkd()
     _register_srd()
+    _register_rkd()

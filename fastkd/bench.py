@@ -5,14 +5,14 @@ a full training step (forward, then backward) ``N`` times after warm-up, the var
 turns step by step (so load from other processes hits them alike):
 
 * fused variants: ``<backend>/<algorithm>`` (``cpu/tiled``, ``cpu/dual``, ``cpu/auto``,
-  ``cuda/...``, ``triton/...``; SRD: ``<backend>/fused``),
+  ``cuda/...``, ``triton/...``; SRD: ``<backend>/fused``; RKD distance: ``cpu/tiled``),
 * ``reference/eager``: :mod:`fastkd.reference` in eager PyTorch,
 * ``reference/compiled``: ``torch.compile(reference)`` with default settings (automatic dynamic
   shapes: the first shape is compiled static, later shapes share one dynamic graph).
 
 Reported per variant: median forward, backward and step time; peak extra memory of one step;
-speed-up against eager and compiled reference; memory against eager; achieved GFLOP/s (FKD:
-the GEMM flops of the algorithm) or GB/s (SRD: the bytes the fused algorithm reads and writes)
+speed-up against eager and compiled reference; memory against eager; achieved GFLOP/s (FKD,
+RKD: the GEMM flops of the algorithm) or GB/s (SRD: the bytes the fused algorithm reads and writes)
 against the device peak measured here (a large ``torch.mm``, a large copy).
 
 Memory measurement:
@@ -280,6 +280,36 @@ def _srd_reference(student, teacher):
     return reference.srd_loss(student, teacher, SRD_P)
 
 
+# RKD distance (SPEC §2). The CPU kernel sweeps the upper triangle three times (means; loss;
+# gradient), each sweep forming both sides' dot-product tiles (B^2 (Ds + Dt)), and the last one
+# also W_IJ F_J and W_IJ^T F_I for the student (2 B^2 Ds). The eager reference forms both
+# B x B dot-product matrices (2 B^2 (Ds + Dt)), back-propagates the student's (4 B^2 Ds) and
+# streams ~30 B x B matrices through memory, keeping ~8 alive.
+def _rkd_cost(case: Case, impl: str, dtype: torch.dtype) -> Cost:
+    b, ds, dt = case.batch, case.width, case.teacher_width
+    acc = 8 if dtype == torch.float64 else 4
+    if impl == "tiled":
+        return Cost(
+            fwd_flops=3 * b * b * (ds + dt) + 2 * b * b * ds,
+            fwd_bytes=4 * b * (ds + dt) * (_elem(dtype) + acc),
+            peak_bytes=4 * b * (ds + dt) * acc,
+        )
+    return Cost(
+        fwd_flops=2 * b * b * (ds + dt),
+        bwd_flops=4 * b * b * ds,
+        fwd_bytes=14 * b * b * acc,
+        bwd_bytes=16 * b * b * acc,
+        peak_bytes=8 * b * b * acc + 4 * b * (ds + dt) * acc,
+    )
+
+
+def _rkd_fused(backend: str, algorithm: str) -> Callable[..., torch.Tensor]:
+    def fn(student, teacher):
+        return fastkd.rkd_distance_loss(student, teacher, backend=backend)
+
+    return fn
+
+
 OP_SPECS: dict[str, OpSpec] = {
     "fkd": OpSpec(
         name="fkd",
@@ -331,6 +361,30 @@ OP_SPECS: dict[str, OpSpec] = {
                 "default": "256x2048,1024x2048,4096x2048,16384x512,16384x2048,65536x2048",
                 "full": "64x512,256x512,256x2048,1024x512,1024x2048,4096x512,4096x2048,"
                 "16384x512,16384x2048,65536x512,65536x2048",
+            },
+        },
+    ),
+    "rkd": OpSpec(
+        name="rkd",
+        make_inputs=_features,
+        reference=reference.rkd_distance_loss,
+        fused=_rkd_fused,
+        algorithms=("tiled",),
+        cost=_rkd_cost,
+        throughput="flops",
+        sizes={
+            "cpu": {
+                "smoke": "130x64,1024x128",
+                "quick": "256x128,1024x128",
+                "default": "256x128,1024x128,4096x128",
+                "full": "64x64,256x128,1024x128,1024x512,4096x128,4096x512,8192x64",
+            },
+            # no CUDA kernel yet: on a GPU only the references run
+            "cuda": {
+                "smoke": "1024x128",
+                "quick": "1024x128",
+                "default": "1024x128,4096x128",
+                "full": "1024x128,4096x128,16384x128",
             },
         },
     ),
@@ -1296,7 +1350,7 @@ def _default_out() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--op", choices=("fkd", "srd", "all"), default="all", help="op(s) to run")
+    parser.add_argument("--op", choices=(*OP_SPECS, "all"), default="all", help="op(s) to run")
     parser.add_argument(
         "--quick", action="store_true", help="small sizes, fewer repeats (about a minute on a CPU)"
     )

@@ -1,10 +1,13 @@
 """Relational losses in their peers' conventions (SPEC §2): SP (Tung & Mori 2019) and RKD
 distance (Park et al. 2019), as in RepDistiller / torchdistill.
 
-They have no compiled kernels: the only backend is ``reference`` (eager PyTorch, any device) and
-asking for a fused backend raises :class:`fastkd.BackendUnavailableError`. SP has a second exact
-formulation, ``algorithm="dual"``, in feature space (O(B D^2) time, O(D^2) extra memory instead
-of two B x B matrices):
+Backends: RKD distance has a tiled CPU kernel (``cpu``, ``csrc/cpu/rkd.cpp``: three sweeps over
+the upper triangle of the distance matrices, O(B D) extra memory instead of about a dozen B x B
+matrices); on GPUs it runs on ``reference``. SP runs on ``reference`` (eager PyTorch, any
+device); asking either for a backend without its kernel raises
+:class:`fastkd.BackendUnavailableError`. SP has a second exact formulation,
+``algorithm="dual"``, in feature space (O(B D^2) time, O(D^2) extra memory instead of two B x B
+matrices):
 
     ||G_i||^2 = f_i^T (F^T F) f_i,    sum_j Gt_ij Gs_ij = ft_i^T (Ft^T Fs) fs_i
 
@@ -17,10 +20,11 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fastkd import reference
 from fastkd._validate import FLOAT_DTYPES, check_same_batch_and_device
-from fastkd.backends import resolve_backend
+from fastkd.backends import kernels, resolve_backend
 
 
 def _check_batch_features(x: object, name: str) -> torch.Tensor:
@@ -37,11 +41,12 @@ def _check_batch_features(x: object, name: str) -> torch.Tensor:
     return x
 
 
-def _checked(student, teacher, op: str, backend: str | None):
+def _checked(student, teacher, op: str, backend: str | None) -> str:
+    """Validates the inputs and returns the backend that runs ``op`` on them."""
     _check_batch_features(student, "student")
     _check_batch_features(teacher, "teacher")
     check_same_batch_and_device(student, "student", teacher, "teacher")
-    resolve_backend(op, backend, student.device)
+    return resolve_backend(op, backend, student.device)
 
 
 SP_ALGORITHMS = ("auto", "explicit", "dual")
@@ -88,14 +93,51 @@ def sp_loss(
     return reference.sp_loss(student, teacher)
 
 
-def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str | None = None):
-    """RKD distance loss. student (B, ...), teacher (B, ...) (flattened to (B, D)).
+class RKDFunction(torch.autograd.Function):
+    """Autograd Function running the RKD distance kernels of one fused backend.
 
-    Pairwise distances divided by their mean positive distance on each side;
-    ``loss = mean_ij smooth_l1(d_S, d_T)`` with beta = 1 (0-dim, float32 or float64).
+    ``apply(backend, student, teacher)`` with student (B, Ds) and teacher (B, Dt) contiguous, any
+    floating dtypes; returns the 0-dim loss in float32 (float64 if an input is float64). When an
+    input requires grad the forward pass computes the gradients with the loss (the sweeps that
+    give the loss are the first two of the three the gradient needs) and backward only scales
+    them.
     """
-    _checked(student, teacher, "rkd", backend)
-    return reference.rkd_distance_loss(student, teacher)
+
+    @staticmethod
+    def forward(ctx, backend: str, student, teacher):
+        ops = kernels("rkd", backend)
+        ctx.teacher_grad = bool(ctx.needs_input_grad[2])
+        if any(ctx.needs_input_grad[1:]):
+            loss, grad_s, grad_t = ops.forward_backward(student, teacher, ctx.teacher_grad)
+            ctx.save_for_backward(grad_s, grad_t)
+            return loss
+        return ops.forward(student, teacher)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        grad_s, grad_t = ctx.saved_tensors
+        return (
+            None,
+            grad_s * grad.to(grad_s.dtype) if ctx.needs_input_grad[1] else None,
+            grad_t * grad.to(grad_t.dtype) if ctx.teacher_grad else None,
+        )
+
+
+def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: str | None = None):
+    """RKD distance loss. student (B, ...), teacher (B, ...) (flattened to (B, D)), B >= 2.
+
+    ``d_ij = sqrt(clamp_min(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12))``, ``d_ii = 0``, each side
+    divided by its mean off-diagonal distance; ``loss = mean_ij smooth_l1(d_S, d_T)`` with
+    beta = 1 (0-dim, float32, or float64 if an input is float64; float16/bfloat16 inputs
+    accumulate in float32). The teacher gets its gradient if it requires grad. ``backend``:
+    "auto" | "cpu" | "reference" (see :mod:`fastkd.backends`); the CPU kernel needs O(B D)
+    extra memory, the reference about a dozen B x B matrices at its peak.
+    """
+    name = _checked(student, teacher, "rkd", backend)
+    if name == "reference":
+        return reference.rkd_distance_loss(student, teacher)
+    return RKDFunction.apply(name, student.flatten(1).contiguous(), teacher.flatten(1).contiguous())
 
 
 class SPLoss(nn.Module):
