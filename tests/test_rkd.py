@@ -191,11 +191,10 @@ def test_torch_compile_fullgraph_training_step(backend):
     torch.testing.assert_close(student.weight.grad, eager_grad)
 
 
-def test_backends_without_an_rkd_kernel_are_errors():
+def test_backend_without_an_rkd_kernel_is_an_error():
     s, t = torch.randn(5, 3), torch.randn(5, 3)
-    for name in ("cuda", "triton"):
-        with pytest.raises(fastkd.BackendUnavailableError, match="no kernel for 'rkd'"):
-            fastkd.rkd_distance_loss(s, t, backend=name)
+    with pytest.raises(fastkd.BackendUnavailableError, match="no kernel for 'rkd'"):
+        fastkd.rkd_distance_loss(s, t, backend="cuda")
     report = fastkd.available_backends()
     assert "rkd" in report["cpu"]["ops"] and "rkd" not in report["cuda"]["ops"]
 

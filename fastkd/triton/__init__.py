@@ -17,4 +17,4 @@ def interpreter_enabled() -> bool:
 
 
 # Importing the op modules registers their "triton" kernels.
-from fastkd.triton import fkd, srd  # noqa: E402, F401
+from fastkd.triton import fkd, rkd, srd  # noqa: E402, F401

@@ -1,0 +1,439 @@
+"""RKD distance (SPEC §2, RepDistiller convention) in Triton: tiled, O(B*D) memory.
+
+Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake kernels)::
+
+    fastkd_triton::rkd_forward(student, teacher) -> loss                          # 0-dim
+    fastkd_triton::rkd_backward(grad, student, teacher, teacher_grad)
+        -> (grad_student, grad_teacher)
+    fastkd_triton::rkd_forward_backward(student, teacher, teacher_grad)
+        -> (loss, grad_student, grad_teacher)
+
+student (B, Ds), teacher (B, Dt), B >= 2; float16/bfloat16/float32/float64, any strides (read
+in place; a float64 call copies the other input to float64). The loss is float32, float64 if an
+input is float64; gradients come back in each input's dtype, ``grad_teacher`` is empty (0,)
+unless ``teacher_grad``. Registered as the ``triton`` backend of the ``rkd`` op.
+
+Algorithm (the same three sweeps as the CPU kernel, ``csrc/cpu/rkd.cpp``), with
+d_ij = sqrt(max(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12)) for i != j formed tile by tile from
+``tl.dot`` of the raw features and the squared row norms:
+
+1. Program (I, J >= I) sums d_S and d_T over the strictly upper entries of its tile: the means.
+2. Program (I, J >= I) sums smooth_l1(x), h d_S and h d_T, x = d_S/mu_S - d_T/mu_T,
+   h = smooth_l1'(x): the loss and c_X = sum_kl h_kl d_kl / (mu_X B (B - 1)).
+3. Program (I, c) owns rows I and output columns c of one gradient and loops over all column
+   blocks J: w_ij = dL/dd_ij * dd_ij/dq_ij, acc = sum_J W_IJ Y_J[:, c], r = sum_j w_ij, then
+   grad y_i[c] = 4 g (r_i y_i[c] - acc_i[c]). All rows of the tile row are visited, so no two
+   programs write the same output (no atomics).
+
+Sweeps 1 and 2 write one partial per tile, reduced by ``torch.sum`` in a fixed order, and the
+scalars between sweeps stay on the device (no host sync): results are deterministic. Block
+sizes are FKD's heuristic (:func:`fastkd.triton.fkd.block_config`); as there, a gradient wider
+than BLOCK_DO is split over several programs per row block that each recompute the distance
+tiles. Precision as FKD's: float32 accumulation (float64 for float64 inputs), TF32 only when
+``torch.backends.cuda.matmul.allow_tf32`` is True, and for 16-bit inputs the W tile is rounded
+to the input dtype for the tensor cores in sweep 3.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastkd.backends import register_kernels
+from fastkd.reference import NORM_EPS, loss_dtype
+from fastkd.triton.fkd import _TL_DTYPES, _check_device, _mma, _pow2, _row_norm_kernel, block_config
+
+SQUARED_DISTANCE_EPS = 1e-12  # RepDistiller's pdist clamp (csrc/include/fastkd/rkd_math.h)
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _distance_tile(
+    x_ptr,
+    stride_r,
+    stride_c,
+    D,
+    sq_ptr,
+    rows_i,
+    rows_j,
+    mask_i,
+    mask_j,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(q, d) on tile (rows_i, rows_j): q = |x_i|^2 + |x_j|^2 - 2 x_i.x_j, d = sqrt(max(q, eps))
+    (a NaN q stays NaN). Padding entries are garbage: the caller masks them."""
+    base_i = x_ptr + rows_i.to(tl.int64)[:, None] * stride_r
+    base_j = x_ptr + rows_j.to(tl.int64)[:, None] * stride_r
+    dot = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k in range(0, D, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        cmask = (cols < D)[None, :]
+        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
+        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
+        dot = _mma(a, tl.trans(b), dot, PRECISION)
+    sq_i = tl.load(sq_ptr + rows_i, mask=mask_i, other=0.0)
+    sq_j = tl.load(sq_ptr + rows_j, mask=mask_j, other=0.0)
+    q = sq_i[:, None] + sq_j[None, :] - 2.0 * dot
+    d = tl.sqrt(tl.where(q < SQUARED_DISTANCE_EPS, SQUARED_DISTANCE_EPS, q))
+    return q, d
+
+
+@triton.jit
+def _both_sides(
+    s_ptr,
+    s_stride_r,
+    s_stride_c,
+    s_width,
+    t_ptr,
+    t_stride_r,
+    t_stride_c,
+    t_width,
+    sq_ptr,
+    B,
+    rows_i,
+    rows_j,
+    mask_i,
+    mask_j,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Student and teacher (q, d) tiles; ``sq_ptr`` holds 2 rows of B squared norms."""
+    qs, ds = _distance_tile(
+        s_ptr, s_stride_r, s_stride_c, s_width, sq_ptr, rows_i, rows_j, mask_i, mask_j,
+        BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+    )  # fmt: skip
+    qt, dt = _distance_tile(
+        t_ptr, t_stride_r, t_stride_c, t_width, sq_ptr + B, rows_i, rows_j, mask_i, mask_j,
+        BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+    )  # fmt: skip
+    return qs, ds, qt, dt
+
+
+@triton.jit
+def _smooth_l1_grad(x):
+    return tl.where(x <= -1.0, -1.0, tl.where(x >= 1.0, 1.0, x))
+
+
+@triton.jit
+def _rkd_sums_kernel(
+    s_ptr,
+    s_stride_r,
+    s_stride_c,
+    s_width,
+    t_ptr,
+    t_stride_r,
+    t_stride_c,
+    t_width,
+    sq_ptr,
+    B,
+    scal_ptr,
+    out_ptr,
+    LOSS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (I, J): sums over the tile's entries with j > i, written to out[k, I * nb + J]
+    (k = 0, 1, 2; nothing for J < I). Without LOSS: d_S, d_T. With LOSS: smooth_l1(x),
+    h d_S, h d_T, using 1/mu_S, 1/mu_T from scal_ptr[0:2]."""
+    pid_i = tl.program_id(0)
+    pid_j = tl.program_id(1)
+    if pid_j >= pid_i:
+        rows_i = pid_i * BLOCK + tl.arange(0, BLOCK)
+        rows_j = pid_j * BLOCK + tl.arange(0, BLOCK)
+        mask_i = rows_i < B
+        mask_j = rows_j < B
+        upper = mask_i[:, None] & mask_j[None, :] & (rows_j[None, :] > rows_i[:, None])
+        qs, ds, qt, dt = _both_sides(
+            s_ptr, s_stride_r, s_stride_c, s_width, t_ptr, t_stride_r, t_stride_c, t_width,
+            sq_ptr, B, rows_i, rows_j, mask_i, mask_j, BLOCK, BLOCK, BLOCK_K, ACC, PRECISION,
+        )  # fmt: skip
+        tiles = tl.num_programs(0) * tl.num_programs(1)
+        slot = pid_i * tl.num_programs(1) + pid_j
+        if LOSS:
+            x = ds * tl.load(scal_ptr).to(ACC) - dt * tl.load(scal_ptr + 1).to(ACC)
+            h = _smooth_l1_grad(x)
+            ax = tl.abs(x)
+            ell = tl.where(ax < 1.0, 0.5 * x * x, ax - 0.5)
+            tl.store(out_ptr + slot, tl.sum(tl.where(upper, ell, 0.0)))
+            tl.store(out_ptr + tiles + slot, tl.sum(tl.where(upper, h * ds, 0.0)))
+            tl.store(out_ptr + 2 * tiles + slot, tl.sum(tl.where(upper, h * dt, 0.0)))
+        else:
+            tl.store(out_ptr + slot, tl.sum(tl.where(upper, ds, 0.0)))
+            tl.store(out_ptr + tiles + slot, tl.sum(tl.where(upper, dt, 0.0)))
+
+
+@triton.jit
+def _rkd_grad_kernel(
+    s_ptr,
+    s_stride_r,
+    s_stride_c,
+    s_width,
+    t_ptr,
+    t_stride_r,
+    t_stride_c,
+    t_width,
+    sq_ptr,
+    B,
+    scal_ptr,
+    y_ptr,
+    y_stride_r,
+    y_stride_c,
+    y_width,
+    out_ptr,
+    out_stride_r,
+    out_stride_c,
+    TEACHER: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_DO: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Program (I, c): rows I, columns c of the gradient of y (the student, or the teacher if
+    TEACHER). scal_ptr: [1/mu_S, 1/mu_T, c_S, c_T, grad * 4 / B^2]."""
+    pid_i = tl.program_id(0)
+    rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_i = rows_i < B
+    cols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
+    cmask = (cols < y_width)[None, :]
+    inv_mu_s = tl.load(scal_ptr).to(ACC)
+    inv_mu_t = tl.load(scal_ptr + 1).to(ACC)
+    if TEACHER:
+        c_y = tl.load(scal_ptr + 3).to(ACC)
+        coef = -inv_mu_t
+    else:
+        c_y = tl.load(scal_ptr + 2).to(ACC)
+        coef = inv_mu_s
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
+    row_sum = tl.zeros((BLOCK_M,), ACC)
+    for j0 in range(0, B, BLOCK_N):
+        rows_j = j0 + tl.arange(0, BLOCK_N)
+        mask_j = rows_j < B
+        off = mask_i[:, None] & mask_j[None, :] & (rows_j[None, :] != rows_i[:, None])
+        qs, ds, qt, dt = _both_sides(
+            s_ptr, s_stride_r, s_stride_c, s_width, t_ptr, t_stride_r, t_stride_c, t_width,
+            sq_ptr, B, rows_i, rows_j, mask_i, mask_j, BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+        )  # fmt: skip
+        h = _smooth_l1_grad(ds * inv_mu_s - dt * inv_mu_t)
+        if TEACHER:
+            q, d = qt, dt
+        else:
+            q, d = qs, ds
+        # B^2 dL/dd_ij times dd_ij/dq_ij = 1/(2 d_ij); scal[4] = grad * 4 / B^2 scales it all
+        w = tl.where(off & (q >= SQUARED_DISTANCE_EPS), (h - c_y) * coef * 0.5 / d, 0.0)
+        row_sum += tl.sum(w, axis=1)
+        y_j = tl.load(
+            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + cols[None, :] * y_stride_c,
+            mask=mask_j[:, None] & cmask,
+            other=0.0,
+        )
+        acc = _mma(w.to(y_j.dtype), y_j, acc, PRECISION)
+    scale = tl.load(scal_ptr + 4).to(ACC)
+    mask = mask_i[:, None] & cmask
+    row_off = rows_i.to(tl.int64)[:, None]
+    y_i = tl.load(y_ptr + row_off * y_stride_r + cols[None, :] * y_stride_c, mask=mask, other=0.0)
+    out = scale * (row_sum[:, None] * y_i.to(ACC) - acc)
+    out_ptrs = out_ptr + row_off * out_stride_r + cols[None, :] * out_stride_c
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host side
+# --------------------------------------------------------------------------------------------
+
+
+def _check_inputs(student: Tensor, teacher: Tensor) -> bool:
+    for name, x in (("student", student), ("teacher", teacher)):
+        if not isinstance(x, Tensor) or x.dim() != 2 or x.numel() == 0:
+            raise ValueError(f"{name} must be a non-empty 2-D tensor, got {getattr(x, 'shape', x)}")
+        if x.dtype not in _TL_DTYPES:
+            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if student.shape[0] < 2 or teacher.shape[0] != student.shape[0]:
+        raise ValueError(
+            f"student and teacher need the same batch size of at least 2, got "
+            f"{student.shape[0]} and {teacher.shape[0]}"
+        )
+    if teacher.device != student.device:
+        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    interpret = _check_device(student)
+    if interpret:  # numpy has no bfloat16: the interpreter would compute garbage
+        for name, x in (("student", student), ("teacher", teacher)):
+            if x.dtype == torch.bfloat16:
+                raise TypeError(f"{name} is bfloat16, which the Triton interpreter cannot compute")
+    return interpret
+
+
+class _Problem:
+    """Inputs in compute form, squared row norms, launch settings and the sweep scalars."""
+
+    def __init__(self, student: Tensor, teacher: Tensor):
+        interpret = _check_inputs(student, teacher)
+        self.grad_dtypes = (student.dtype, teacher.dtype)
+        self.out_dtype = self.acc = loss_dtype(student, teacher)
+        if self.acc == torch.float64:  # fp64 dots need fp64 on both operands
+            student, teacher = student.to(torch.float64), teacher.to(torch.float64)
+        self.student, self.teacher = student, teacher
+        self.batch = b = student.shape[0]
+        self.interpret = interpret
+        dtype = max((student, teacher), key=lambda t: t.element_size()).dtype
+        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret)
+        tf32 = not interpret and self.acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+        self.precision = "tf32" if tf32 else "ieee"
+        self.sq = torch.empty((2, b), dtype=self.acc, device=student.device)
+        scratch = torch.empty(b, dtype=self.acc, device=student.device)
+        for row, x in enumerate((student, teacher)):
+            block_d = 16 if interpret else min(128, _pow2(x.shape[1]))
+            _row_norm_kernel[(triton.cdiv(b, 16),)](
+                x, x.stride(0), x.stride(1), b, x.shape[1], scratch, self.sq[row], NORM_EPS,
+                WRITE_SUMSQ=True, BLOCK_R=16, BLOCK_D=block_d, ACC=_TL_DTYPES[self.acc],
+            )  # fmt: skip
+
+    def _args(self) -> tuple:
+        s, t = self.student, self.teacher
+        return (
+            s, s.stride(0), s.stride(1), s.shape[1], t, t.stride(0), t.stride(1), t.shape[1],
+            self.sq, self.batch,
+        )  # fmt: skip
+
+    def _sums(self, scal: Tensor, loss: bool) -> Tensor:
+        """(3,) sums over the strictly upper entries (see _rkd_sums_kernel)."""
+        nb = triton.cdiv(self.batch, self.cfg["BLOCK"])
+        out = torch.zeros((3, nb * nb), dtype=self.acc, device=self.sq.device)
+        _rkd_sums_kernel[(nb, nb)](
+            *self._args(), scal, out, LOSS=loss, BLOCK=self.cfg["BLOCK"],
+            BLOCK_K=self.cfg["BLOCK_K"], ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
+            num_warps=self.cfg["num_warps"],
+        )  # fmt: skip
+        return out.sum(1)
+
+    def loss_and_scalars(self) -> tuple[Tensor, Tensor]:
+        """The 0-dim loss and scal = [1/mu_S, 1/mu_T, c_S, c_T] (device tensors, no sync)."""
+        b = self.batch
+        pairs = float(b) * (b - 1)  # ordered off-diagonal pairs; the sums cover half of them
+        inv_mu = pairs / (2.0 * self._sums(self.sq, loss=False)[:2])  # scal unread here
+        sums = self._sums(inv_mu, loss=True)
+        c = 2.0 * sums[1:] * inv_mu / pairs
+        loss = 2.0 * sums[0] / (float(b) * b)
+        return loss.to(self.out_dtype), torch.cat([inv_mu, c])
+
+    def gradient(self, teacher: bool, scal: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        """Gradient of the teacher (or the student) times ``grad`` (0-dim), in ``dtype``."""
+        b, cfg = self.batch, self.cfg
+        scal = torch.cat([scal, (grad.to(self.acc) * (4.0 / (float(b) * b))).reshape(1)])
+        y = self.teacher if teacher else self.student
+        out = torch.empty(y.shape, dtype=dtype, device=y.device)
+        block_do = min(cfg["BLOCK_DO"], max(16, _pow2(y.shape[1])))
+        grid = (triton.cdiv(b, cfg["BLOCK"]), triton.cdiv(y.shape[1], block_do))
+        _rkd_grad_kernel[grid](
+            *self._args(), scal, y, y.stride(0), y.stride(1), y.shape[1],
+            out, out.stride(0), out.stride(1), TEACHER=teacher, BLOCK_M=cfg["BLOCK"],
+            BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=block_do,
+            ACC=_TL_DTYPES[self.acc], PRECISION=self.precision, num_warps=cfg["num_warps"],
+        )  # fmt: skip
+        return out
+
+    def gradients(self, scal: Tensor, grad: Tensor, teacher_grad: bool) -> tuple[Tensor, Tensor]:
+        """(grad_student, grad_teacher or an empty (0,) tensor) in the inputs' dtypes."""
+        s_dtype, t_dtype = self.grad_dtypes
+        grad_s = self.gradient(False, scal, grad, s_dtype)
+        if not teacher_grad:
+            return grad_s, self.teacher.new_empty((0,), dtype=t_dtype)
+        return grad_s, self.gradient(True, scal, grad, t_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Custom ops
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastkd_triton::rkd_forward", mutates_args=())
+def rkd_forward(student: Tensor, teacher: Tensor) -> Tensor:
+    """RKD distance loss (SPEC §2) by the Triton kernels (sweeps 1 and 2); see the module
+    docstring. student (B, Ds), teacher (B, Dt). Returns the 0-dim loss, float32 (float64 if
+    an input is float64)."""
+    return _Problem(student, teacher).loss_and_scalars()[0]
+
+
+@rkd_forward.register_fake
+def _rkd_forward_fake(student, teacher):
+    return student.new_empty((), dtype=loss_dtype(student, teacher))
+
+
+def _grads_fake(student, teacher, teacher_grad):
+    return torch.empty_like(student), (
+        torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    )
+
+
+@torch.library.custom_op("fastkd_triton::rkd_backward", mutates_args=())
+def rkd_backward(
+    grad: Tensor, student: Tensor, teacher: Tensor, teacher_grad: bool
+) -> tuple[Tensor, Tensor]:
+    """Gradients of :func:`rkd_forward` times ``grad`` (one-element tensor, read on the device):
+    (grad_student like student, grad_teacher like teacher, or (0,) unless ``teacher_grad``)."""
+    if not isinstance(grad, Tensor) or grad.numel() != 1:
+        raise ValueError(f"grad must be a one-element tensor, got {getattr(grad, 'shape', grad)}")
+    if grad.device != student.device:
+        raise ValueError(f"grad is on {grad.device} but student is on {student.device}")
+    problem = _Problem(student, teacher)
+    _, scal = problem.loss_and_scalars()
+    return problem.gradients(scal, grad.reshape(()), teacher_grad)
+
+
+@rkd_backward.register_fake
+def _rkd_backward_fake(grad, student, teacher, teacher_grad):
+    return _grads_fake(student, teacher, teacher_grad)
+
+
+@torch.library.custom_op("fastkd_triton::rkd_forward_backward", mutates_args=())
+def rkd_forward_backward(
+    student: Tensor, teacher: Tensor, teacher_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss and its gradients for a unit upstream gradient, from one run of the three sweeps:
+    (loss, grad_student, grad_teacher), as :func:`rkd_forward` and :func:`rkd_backward`."""
+    problem = _Problem(student, teacher)
+    loss, scal = problem.loss_and_scalars()
+    one = torch.ones((), dtype=problem.acc, device=student.device)
+    return loss, *problem.gradients(scal, one, teacher_grad)
+
+
+@rkd_forward_backward.register_fake
+def _rkd_forward_backward_fake(student, teacher, teacher_grad):
+    return _rkd_forward_fake(student, teacher), *_grads_fake(student, teacher, teacher_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad):
+    student, teacher = ctx.saved_tensors
+    teacher_grad = bool(ctx.needs_input_grad[1])
+    grad_s, grad_t = rkd_backward(grad, student, teacher, teacher_grad)
+    return (grad_s if ctx.needs_input_grad[0] else None), (grad_t if teacher_grad else None)
+
+
+rkd_forward.register_autograd(_backward, setup_context=_setup_context)
+
+register_kernels(
+    "rkd",
+    "triton",
+    torch.ops.fastkd_triton.rkd_forward,
+    torch.ops.fastkd_triton.rkd_backward,
+    torch.ops.fastkd_triton.rkd_forward_backward,
+)
