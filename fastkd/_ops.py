@@ -115,23 +115,27 @@ def _register_srd() -> None:
         )
 
 
-def _register_rkd() -> None:
-    @torch.library.register_fake("fastkd::rkd_forward")
-    def _rkd_forward_fake(student, teacher):
-        return student.new_empty((), dtype=loss_dtype(student, teacher))
+# RKD fake kernels and autograd, shared by the compiled ``fastkd::rkd_*`` and the Triton
+# ``fastkd_triton::rkd_*`` ops (same schemas).
+def rkd_forward_fake(student, teacher):
+    return student.new_empty((), dtype=loss_dtype(student, teacher))
 
-    def _grads_fake(student, teacher, teacher_grad):
-        return torch.empty_like(student), (
-            torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
-        )
 
-    @torch.library.register_fake("fastkd::rkd_backward")
-    def _rkd_backward_fake(grad, student, teacher, teacher_grad):
-        return _grads_fake(student, teacher, teacher_grad)
+def rkd_backward_fake(grad, student, teacher, teacher_grad):
+    """Gradients shaped like the inputs; an empty (0,) teacher gradient unless teacher_grad."""
+    return torch.empty_like(student), (
+        torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
+    )
 
-    @torch.library.register_fake("fastkd::rkd_forward_backward")
-    def _rkd_forward_backward_fake(student, teacher, teacher_grad):
-        return _rkd_forward_fake(student, teacher), *_grads_fake(student, teacher, teacher_grad)
+
+def rkd_forward_backward_fake(student, teacher, teacher_grad):
+    return rkd_forward_fake(student, teacher), *rkd_backward_fake(
+        None, student, teacher, teacher_grad
+    )
+
+
+def register_rkd_autograd(forward_op, backward_op) -> None:
+    """Autograd formula of an RKD forward op through its backward op."""
 
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs)
@@ -139,13 +143,17 @@ def _register_rkd() -> None:
     def backward(ctx, grad):
         student, teacher = ctx.saved_tensors
         teacher_grad = bool(ctx.needs_input_grad[1])
-        grad_s, grad_t = torch.ops.fastkd.rkd_backward(grad, student, teacher, teacher_grad)
-        return (
-            grad_s if ctx.needs_input_grad[0] else None,
-            grad_t if teacher_grad else None,
-        )
+        grad_s, grad_t = backward_op(grad, student, teacher, teacher_grad)
+        return (grad_s if ctx.needs_input_grad[0] else None), (grad_t if teacher_grad else None)
 
-    torch.library.register_autograd("fastkd::rkd_forward", backward, setup_context=setup_context)
+    torch.library.register_autograd(forward_op, backward, setup_context=setup_context)
+
+
+def _register_rkd() -> None:
+    torch.library.register_fake("fastkd::rkd_forward", rkd_forward_fake)
+    torch.library.register_fake("fastkd::rkd_backward", rkd_backward_fake)
+    torch.library.register_fake("fastkd::rkd_forward_backward", rkd_forward_backward_fake)
+    register_rkd_autograd("fastkd::rkd_forward", torch.ops.fastkd.rkd_backward)
     register_kernels(
         "rkd",
         "cpu",

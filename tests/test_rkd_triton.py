@@ -13,27 +13,14 @@ import torch
 
 pytest.importorskip("triton")
 
+from triton_helpers import DEVICE, INTERPRET, features, needs_gpu, runs_here  # noqa: E402
+
 import fastkd  # noqa: E402
 from fastkd import reference  # noqa: E402
-from fastkd.triton import interpreter_enabled  # noqa: E402
-from fastkd.triton import rkd as trkd  # noqa: E402, F401  (registers the ops)
+from fastkd.triton import rkd as _registers_the_ops  # noqa: E402, F401
 
-INTERPRET = interpreter_enabled()
-DEVICE = "cpu" if INTERPRET else "cuda"
 ops = torch.ops.fastkd_triton
-
-pytestmark = pytest.mark.skipif(
-    not INTERPRET and not torch.cuda.is_available(),
-    reason="Triton needs a CUDA device or TRITON_INTERPRET=1",
-)
-needs_gpu = pytest.mark.skipif(
-    INTERPRET or not torch.cuda.is_available(), reason="needs CUDA and TRITON_INTERPRET=0"
-)
-
-
-def features(batch, width, dtype=torch.float32, requires_grad=False):
-    x = torch.randn(batch, width, device=DEVICE).to(dtype)
-    return x.requires_grad_(requires_grad)
+pytestmark = runs_here
 
 
 def reference_rkd(student, teacher, grad=1.0):

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "fastkd/fkd_math.h"
+#include "sweep.h"
 
 namespace fastkd {
 namespace {
@@ -106,17 +107,6 @@ double mean_square(const at::Tensor& x_acc) {
   double total = 0;
   for (double r : rows) total += r;
   return total / (double(B) * double(D));
-}
-
-// The row blocks a task of the sweep owns, in "snake" order (k, 2T-1-k, 2T+k, ...): block I
-// costs ~(nb - I) tiles, so alternating ends balances the triangle across the T tasks.
-std::vector<int64_t> row_blocks_of_task(int64_t task, int64_t tasks, int64_t blocks) {
-  std::vector<int64_t> owned;
-  for (int64_t round = 0; round * tasks < blocks; ++round) {
-    const int64_t I = round % 2 == 0 ? round * tasks + task : (round + 1) * tasks - 1 - task;
-    if (I < blocks) owned.push_back(I);
-  }
-  return owned;
 }
 
 // One sweep over the upper triangle of the kernels. For row block I the tiles J >= I are

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "fastkd/rkd_math.h"
+#include "sweep.h"
 
 namespace fastkd {
 namespace {
@@ -42,17 +43,6 @@ Side make_side(const at::Tensor& x, at::ScalarType acc) {
   s.f = x.detach().to(acc).contiguous();
   s.sq = s.f.square().sum(1);
   return s;
-}
-
-// Row blocks of one task in snake order: block I has ~(blocks - I) tiles, alternating ends
-// balances the triangle over the tasks (as in the FKD sweep).
-std::vector<int64_t> row_blocks_of_task(int64_t task, int64_t tasks, int64_t blocks) {
-  std::vector<int64_t> owned;
-  for (int64_t round = 0; round * tasks < blocks; ++round) {
-    const int64_t I = round % 2 == 0 ? round * tasks + task : (round + 1) * tasks - 1 - task;
-    if (I < blocks) owned.push_back(I);
-  }
-  return owned;
 }
 
 // Per-row results of sweeps 1 and 2 (each row is owned by one task: no races, fixed order).

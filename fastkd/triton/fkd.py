@@ -136,6 +136,36 @@ def _row_norm_kernel(
 
 
 @triton.jit
+def _dot_tile(
+    x_ptr,
+    stride_r,
+    stride_c,
+    D,
+    rows_i,
+    rows_j,
+    mask_i,
+    mask_j,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    ACC: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Tile (rows_i, rows_j) of x x^T from the raw rows, BLOCK_K features at a time (16-bit
+    inputs go to the tensor cores unmodified); 0 on padding rows/columns."""
+    base_i = x_ptr + rows_i.to(tl.int64)[:, None] * stride_r
+    base_j = x_ptr + rows_j.to(tl.int64)[:, None] * stride_r
+    dot = tl.zeros((BLOCK_M, BLOCK_N), ACC)
+    for k in range(0, D, BLOCK_K):
+        cols = k + tl.arange(0, BLOCK_K)
+        cmask = (cols < D)[None, :]
+        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
+        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
+        dot = _mma(a, tl.trans(b), dot, PRECISION)
+    return dot
+
+
+@triton.jit
 def _kernel_tile(
     x_ptr,
     stride_r,
@@ -153,15 +183,10 @@ def _kernel_tile(
     PRECISION: tl.constexpr,
 ):
     """Tile (rows_i, rows_j) of normalize(x) normalize(x)^T; 0 on padding rows/columns."""
-    base_i = x_ptr + rows_i.to(tl.int64)[:, None] * stride_r
-    base_j = x_ptr + rows_j.to(tl.int64)[:, None] * stride_r
-    gram = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for k in range(0, D, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        cmask = (cols < D)[None, :]
-        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
-        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
-        gram = _mma(a, tl.trans(b), gram, PRECISION)
+    gram = _dot_tile(
+        x_ptr, stride_r, stride_c, D, rows_i, rows_j, mask_i, mask_j,
+        BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+    )  # fmt: skip
     inv_i = tl.load(inv_ptr + rows_i, mask=mask_i, other=0.0)
     inv_j = tl.load(inv_ptr + rows_j, mask=mask_j, other=0.0)
     return gram * inv_i[:, None] * inv_j[None, :]

@@ -41,9 +41,23 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastkd._ops import (
+    register_rkd_autograd,
+    rkd_backward_fake,
+    rkd_forward_backward_fake,
+    rkd_forward_fake,
+)
 from fastkd.backends import register_kernels
 from fastkd.reference import NORM_EPS, loss_dtype
-from fastkd.triton.fkd import _TL_DTYPES, _check_device, _mma, _pow2, _row_norm_kernel, block_config
+from fastkd.triton.fkd import (
+    _TL_DTYPES,
+    _check_device,
+    _dot_tile,
+    _mma,
+    _pow2,
+    _row_norm_kernel,
+    block_config,
+)
 
 SQUARED_DISTANCE_EPS = 1e-12  # RepDistiller's pdist clamp (csrc/include/fastkd/rkd_math.h)
 
@@ -71,15 +85,10 @@ def _distance_tile(
 ):
     """(q, d) on tile (rows_i, rows_j): q = |x_i|^2 + |x_j|^2 - 2 x_i.x_j, d = sqrt(max(q, eps))
     (a NaN q stays NaN). Padding entries are garbage: the caller masks them."""
-    base_i = x_ptr + rows_i.to(tl.int64)[:, None] * stride_r
-    base_j = x_ptr + rows_j.to(tl.int64)[:, None] * stride_r
-    dot = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for k in range(0, D, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        cmask = (cols < D)[None, :]
-        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
-        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
-        dot = _mma(a, tl.trans(b), dot, PRECISION)
+    dot = _dot_tile(
+        x_ptr, stride_r, stride_c, D, rows_i, rows_j, mask_i, mask_j,
+        BLOCK_M, BLOCK_N, BLOCK_K, ACC, PRECISION,
+    )  # fmt: skip
     sq_i = tl.load(sq_ptr + rows_i, mask=mask_i, other=0.0)
     sq_j = tl.load(sq_ptr + rows_j, mask=mask_j, other=0.0)
     q = sq_i[:, None] + sq_j[None, :] - 2.0 * dot
@@ -369,15 +378,7 @@ def rkd_forward(student: Tensor, teacher: Tensor) -> Tensor:
     return _Problem(student, teacher).loss_and_scalars()[0]
 
 
-@rkd_forward.register_fake
-def _rkd_forward_fake(student, teacher):
-    return student.new_empty((), dtype=loss_dtype(student, teacher))
-
-
-def _grads_fake(student, teacher, teacher_grad):
-    return torch.empty_like(student), (
-        torch.empty_like(teacher) if teacher_grad else teacher.new_empty((0,))
-    )
+rkd_forward.register_fake(rkd_forward_fake)
 
 
 @torch.library.custom_op("fastkd_triton::rkd_backward", mutates_args=())
@@ -395,9 +396,7 @@ def rkd_backward(
     return problem.gradients(scal, grad.reshape(()), teacher_grad)
 
 
-@rkd_backward.register_fake
-def _rkd_backward_fake(grad, student, teacher, teacher_grad):
-    return _grads_fake(student, teacher, teacher_grad)
+rkd_backward.register_fake(rkd_backward_fake)
 
 
 @torch.library.custom_op("fastkd_triton::rkd_forward_backward", mutates_args=())
@@ -412,23 +411,8 @@ def rkd_forward_backward(
     return loss, *problem.gradients(scal, one, teacher_grad)
 
 
-@rkd_forward_backward.register_fake
-def _rkd_forward_backward_fake(student, teacher, teacher_grad):
-    return _rkd_forward_fake(student, teacher), *_grads_fake(student, teacher, teacher_grad)
-
-
-def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad):
-    student, teacher = ctx.saved_tensors
-    teacher_grad = bool(ctx.needs_input_grad[1])
-    grad_s, grad_t = rkd_backward(grad, student, teacher, teacher_grad)
-    return (grad_s if ctx.needs_input_grad[0] else None), (grad_t if teacher_grad else None)
-
-
-rkd_forward.register_autograd(_backward, setup_context=_setup_context)
+rkd_forward_backward.register_fake(rkd_forward_backward_fake)
+register_rkd_autograd(rkd_forward, rkd_backward)
 
 register_kernels(
     "rkd",
