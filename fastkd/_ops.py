@@ -154,13 +154,15 @@ def _register_rkd() -> None:
     torch.library.register_fake("fastkd::rkd_backward", rkd_backward_fake)
     torch.library.register_fake("fastkd::rkd_forward_backward", rkd_forward_backward_fake)
     register_rkd_autograd("fastkd::rkd_forward", torch.ops.fastkd.rkd_backward)
-    register_kernels(
-        "rkd",
-        "cpu",
-        torch.ops.fastkd.rkd_forward,
-        torch.ops.fastkd.rkd_backward,
-        torch.ops.fastkd.rkd_forward_backward,
-    )
+    for backend in ("cpu", "cuda"):  # CUDA kernels exist when built with a CUDA toolkit
+        if _extension.has_kernel("rkd_forward", backend.upper()):
+            register_kernels(
+                "rkd",
+                backend,
+                torch.ops.fastkd.rkd_forward,
+                torch.ops.fastkd.rkd_backward,
+                torch.ops.fastkd.rkd_forward_backward,
+            )
 
 
 if _extension.loaded():

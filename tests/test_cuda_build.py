@@ -1,4 +1,4 @@
-"""The CUDA build really contains the FKD CUDA kernels.
+"""The CUDA build really contains the FKD (and RKD) CUDA kernels.
 
 CI builds with FASTKD_BUILD_CUDA=1 on machines without a GPU (.ci/run): nothing can run there,
 so these checks look at what the extension registered. They need no device.
@@ -24,6 +24,21 @@ requires_cuda_build = pytest.mark.skipif(
 def test_extension_registers_cuda_kernels(op):
     assert _extension.loaded(), _extension.LOAD_ERROR
     assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastkd::{op}", "CUDA")
+
+
+@requires_cuda_build
+@pytest.mark.parametrize("op", ["rkd_forward", "rkd_backward", "rkd_forward_backward"])
+def test_extension_registers_cuda_rkd_kernels(op):
+    assert _extension.loaded(), _extension.LOAD_ERROR
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastkd::{op}", "CUDA")
+
+
+@requires_cuda_build
+def test_cuda_backend_lists_rkd():
+    info = fastkd.available_backends()["cuda"]
+    assert "rkd" in info["ops"]
+    if not torch.cuda.is_available():
+        assert "rkd" in info["detail"] and "no CUDA device" in info["detail"]
 
 
 @requires_cuda_build
