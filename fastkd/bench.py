@@ -282,10 +282,10 @@ def _srd_reference(student, teacher):
 
 # RKD distance (SPEC §2). The CPU kernel sweeps the upper triangle three times (means; loss;
 # gradient), each sweep forming both sides' dot-product tiles (B^2 (Ds + Dt)), and the last one
-# also W_IJ F_J and W_IJ^T F_I for the student (2 B^2 Ds); Triton's gradient sweep visits every
-# tile, twice that sweep's flops, but the model counts the CPU algorithm's. The eager reference
-# forms both B x B dot-product matrices (2 B^2 (Ds + Dt)), back-propagates the student's
-# (4 B^2 Ds) and streams ~30 B x B matrices through memory, keeping ~12 alive.
+# also W_IJ F_J and W_IJ^T F_I for the student (2 B^2 Ds); the GPU kernels' gradient sweep
+# visits every tile, twice that sweep's flops, but the model counts the CPU algorithm's. The
+# eager reference forms both B x B dot-product matrices (2 B^2 (Ds + Dt)), back-propagates the
+# student's (4 B^2 Ds) and streams ~30 B x B matrices through memory, keeping ~12 alive.
 def _rkd_cost(case: Case, impl: str, dtype: torch.dtype) -> Cost:
     b, ds, dt = case.batch, case.width, case.teacher_width
     acc = 8 if dtype == torch.float64 else 4
@@ -380,7 +380,6 @@ OP_SPECS: dict[str, OpSpec] = {
                 "default": "256x128,1024x128,4096x128",
                 "full": "64x64,256x128,1024x128,1024x512,4096x128,4096x512,8192x64",
             },
-            # on a GPU the Triton kernels run (there is no CUDA C++ RKD kernel)
             "cuda": {
                 "smoke": "1024x128",
                 "quick": "1024x128",

@@ -1,10 +1,11 @@
 """Relational losses in their peers' conventions (SPEC §2): SP (Tung & Mori 2019) and RKD
 distance (Park et al. 2019), as in RepDistiller / torchdistill.
 
-Backends: RKD distance has tiled kernels, ``cpu`` (``csrc/cpu/rkd.cpp``) and ``triton``
-(``fastkd/triton/rkd.py``): three sweeps over the distance tiles, O(B D) extra memory instead
-of about a dozen B x B matrices. SP runs on ``reference`` (eager PyTorch, any device). Asking
-for a backend without a kernel for the op raises :class:`fastkd.BackendUnavailableError`.
+Backends: RKD distance has tiled kernels, ``cpu`` (``csrc/cpu/rkd.cpp``), ``cuda``
+(``csrc/cuda/rkd.cu``) and ``triton`` (``fastkd/triton/rkd.py``): three sweeps over the distance
+tiles, O(B D) extra memory instead of about a dozen B x B matrices. SP runs on ``reference``
+(eager PyTorch, any device). Asking for a backend without a kernel for the op raises
+:class:`fastkd.BackendUnavailableError`.
 SP has a second exact formulation, ``algorithm="dual"``, in feature space (O(B D^2) time,
 O(D^2) extra memory instead of two B x B matrices):
 
@@ -130,7 +131,7 @@ def rkd_distance_loss(student: torch.Tensor, teacher: torch.Tensor, *, backend: 
     divided by its mean off-diagonal distance; ``loss = mean_ij smooth_l1(d_S, d_T)`` with
     beta = 1 (0-dim, float32, or float64 if an input is float64; float16/bfloat16 inputs
     accumulate in float32). The teacher gets its gradient if it requires grad. ``backend``:
-    "auto" | "cpu" | "triton" | "reference" (see :mod:`fastkd.backends`); the fused kernels
+    "auto" | "cpu" | "cuda" | "triton" | "reference" (see :mod:`fastkd.backends`); the kernels
     need O(B D) extra memory, the reference about a dozen B x B matrices at its peak.
     """
     name = _checked(student, teacher, "rkd", backend)
