@@ -5,7 +5,7 @@ a full training step (forward, then backward) ``N`` times after warm-up, the var
 turns step by step (so load from other processes hits them alike):
 
 * fused variants: ``<backend>/<algorithm>`` (``cpu/tiled``, ``cpu/dual``, ``cpu/auto``,
-  ``cuda/...``, ``triton/...``; SRD: ``<backend>/fused``; RKD distance: ``cpu/tiled``),
+  ``cuda/...``, ``triton/...``; SRD: ``<backend>/fused``; RKD distance: ``<backend>/tiled``),
 * ``reference/eager``: :mod:`fastkd.reference` in eager PyTorch,
 * ``reference/compiled``: ``torch.compile(reference)`` with default settings (automatic dynamic
   shapes: the first shape is compiled static, later shapes share one dynamic graph).
