@@ -11,6 +11,7 @@
 #include <limits>
 #include <vector>
 
+#include "dtype_binding.h"
 #include "fkd_cuda.h"
 
 namespace fastkd {
@@ -61,19 +62,6 @@ at::ScalarType operand_type(const at::Tensor& student, at::TensorList teachers) 
   return at::kFloat;
 }
 
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kDouble:
-      return DType::kDouble;
-    default:
-      return DType::kFloat;
-  }
-}
-
 // Inputs in the operand type (contiguous; copies only when needed), the workspace of the row
 // norms, and the kernel arguments pointing at both.
 struct Prepared {
@@ -96,7 +84,7 @@ Prepared prepare(const at::Tensor& student, at::TensorList teachers) {
   p.teacher_inv_norm = at::empty({int64_t(teachers.size()), B}, acc_opts);
 
   cuda::FkdArgs& a = p.args;
-  a.dtype = to_dtype(p.op);
+  a.dtype = cuda_dtype(p.op, "fastkd::fkd");
   a.batch = B;
   a.student = p.student.const_data_ptr();
   a.student_width = p.student.size(1);

@@ -6,11 +6,13 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastkd {
 namespace cuda {
 
 // Operand type of the GEMM tiles. The accumulation type is double for kDouble, float otherwise.
-enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
+using DType = ::fastkd::CudaDType;
 
 constexpr int kTile = 64;          // rows (and columns) of a kernel tile
 constexpr int kMaxTeachers = 64;   // ensemble size carried in the kernel parameters

@@ -12,6 +12,7 @@
 #include <limits>
 #include <tuple>
 
+#include "dtype_binding.h"
 #include "rkd_cuda.h"
 
 namespace fastkd {
@@ -21,19 +22,6 @@ using rkd_cuda::DType;
 
 bool is_supported(at::ScalarType t) {
   return t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble;
-}
-
-DType to_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    case at::kDouble:
-      return DType::kDouble;
-    default:
-      return DType::kFloat;
-  }
 }
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
@@ -93,11 +81,11 @@ Result rkd_cuda_impl(const at::Tensor& student_in, const at::Tensor& teacher_in,
     // Contiguous, in each input's own dtype.
     out.grad_student = at::empty({B, Ds}, student_in.options());
     args.grad_student = out.grad_student.data_ptr();
-    args.out_s = to_dtype(student_in.scalar_type());
+    args.out_s = cuda_dtype(student_in.scalar_type(), "fastkd::rkd");
     if (teacher_grad) {
       out.grad_teacher = at::empty({B, Dt}, teacher_in.options());
       args.grad_teacher = out.grad_teacher.data_ptr();
-      args.out_t = to_dtype(teacher_in.scalar_type());
+      args.out_t = cuda_dtype(teacher_in.scalar_type(), "fastkd::rkd");
     } else {
       out.grad_teacher = at::empty({0}, teacher_in.options());
     }

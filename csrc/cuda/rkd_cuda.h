@@ -12,10 +12,12 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastkd {
 namespace rkd_cuda {
 
-enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+using DType = ::fastkd::CudaDType;
 
 constexpr int64_t kTile = 64;  // rows (and columns) of a distance tile
 

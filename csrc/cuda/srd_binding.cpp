@@ -11,6 +11,7 @@
 
 #include "fastkd/srd_host.h"
 #include "fastkd/srd_math.h"
+#include "dtype_binding.h"
 #include "srd_cuda.h"
 
 namespace fastkd {
@@ -22,13 +23,7 @@ void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
 }
 
 srd_cuda::DType dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kHalf: return srd_cuda::DType::kHalf;
-    case at::kBFloat16: return srd_cuda::DType::kBFloat16;
-    case at::kFloat: return srd_cuda::DType::kFloat;
-    case at::kDouble: return srd_cuda::DType::kDouble;
-    default: TORCH_CHECK(false, "fastkd::srd: unsupported dtype ", x.scalar_type());
-  }
+  return cuda_dtype(x.scalar_type(), "fastkd::srd");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forward_cuda(

@@ -11,10 +11,12 @@
 
 #include <cstdint>
 
+#include "dtype.h"
+
 namespace fastkd {
 namespace srd_cuda {
 
-enum class DType { kHalf, kBFloat16, kFloat, kDouble };
+using DType = ::fastkd::CudaDType;
 
 // How the batch is cut: n_splits slices of rows_per_split rows (the last may be shorter), each
 // handled by its own blocks so that small widths still fill the GPU.
