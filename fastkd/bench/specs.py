@@ -151,6 +151,7 @@ def _elem(dtype: torch.dtype) -> int:
 
 
 def zero_grads(tensors):
+    """Drop the gradients of the inputs that require grad, before a timed or measured step."""
     for t in tensors:
         if isinstance(t, torch.Tensor) and t.requires_grad:
             t.grad = None
