@@ -1,7 +1,8 @@
 """The ``fastkd`` console command: ``fastkd demo`` (the main job) and ``fastkd bench``.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
-they are imported only when chosen, so ``fastkd --help`` stays fast.
+Each subcommand is an application package with a ``cli`` module (``fastkd.demo.cli``,
+``fastkd.bench.cli``) exposing ``add_arguments(parser)`` and ``run(args)``; it is imported only
+when chosen, so ``fastkd --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import importlib
 import sys
 
 SUBCOMMANDS = {
-    "demo": ("fastkd.demo", "real distillation on real data, end to end (the main job)"),
-    "bench": ("fastkd.bench", "speed and memory of every backend against the reference"),
+    "demo": ("fastkd.demo.cli", "real distillation on real data, end to end (the main job)"),
+    "bench": ("fastkd.bench.cli", "speed and memory of every backend against the reference"),
 }
 
 

@@ -1,158 +1,24 @@
-"""Self-distillation with ground-truth targets (Borup & Andersen, NeurIPS 2021), SPEC section 4.
+"""Kernel ridge regression self-distillation in closed form (SPEC section 4) and Eq. 16.
 
-Two halves:
-
-* :class:`KernelRidgeSelfDistiller` -- the paper's kernel ridge regression (KRR) analysis made
-  executable. Step 1 fits KRR to the targets ``y``; step ``t >= 2`` refits to the mixed targets
-  ``alpha_t y + (1 - alpha_t) y^(t-1)``. From ONE eigendecomposition ``K = V D V^T`` every step,
-  the infinite-step limit and the step-wise optimal weights follow in closed form::
-
-      A = D (D + lam I)^-1,   B^(1) = A,   B^(t) = A (alpha_t I + (1 - alpha_t) B^(t-1))
-      y^(t)      = V B^(t) V^T y                                       (training predictions)
-      f_t(x)     = kappa(x, X)^T V (D + lam I)^-1 C^(t) V^T y          (new inputs)
-      C^(1) = I, C^(t) = alpha_t I + (1 - alpha_t) B^(t-1)               (no D^-1 anywhere)
-      y^(inf)    = K (K + (lam / alpha) I)^-1 y,   alpha in (0, 1]     (Theorem 4.5)
-      alpha*_t   = <u, y_val - y0>_F / ||u||_F^2,  u = y1 - y0          (Eq. 16, Algorithm 1)
-
-  All matrices in the eigenbasis are diagonal, so every step costs O(n p) after the O(n^3)
-  eigendecomposition, and a rank-deficient ``K`` is harmless (``D`` is never inverted).
-
-* The neural-network side (paper Section 5): :func:`self_distillation_loss`,
-  :class:`SelfDistillationLoss` and the closed-form weight estimate :func:`estimate_alpha`.
-
-Conventions: ``rbf`` is ``exp(-gamma ||x - x'||^2)`` (the scikit-learn convention). The paper
-writes its illustrative kernel width as ``gamma = 1/80`` in the convention
-``exp(-||x - x'||^2 / gamma)``, which is ``gamma = 80`` here (see ``docs/selfdistill.md``).
-
-Step weights ``alpha_t`` may be any finite real number in the recursion and in the loss: Eq. 16
-without clipping can return values outside [0, 1], and the step objective stays a strongly convex
-quadratic (its curvature is ``alpha + (1 - alpha) = 1``). The paper's guarantees (Lemma 4.2,
-Theorem 4.3) assume ``alpha_t`` in [0, 1]; the limit (Theorem 4.5) requires ``alpha`` in (0, 1].
-
-This module imports only torch and the standard library, so it works on its own.
+:class:`KernelRidgeSelfDistiller` runs every distillation step from one eigendecomposition;
+:func:`estimate_alpha` is the closed-form step weight, shared with the network side.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
-from torch import nn
 
-__all__ = [
-    "KernelRidgeSelfDistiller",
-    "SelfDistillationLoss",
-    "estimate_alpha",
-    "linear_kernel",
-    "rbf_kernel",
-    "self_distillation_loss",
-]
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_REDUCTIONS = ("mean", "sum", "none")
-
-KernelArg = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-# --------------------------------------------------------------------------- validation helpers
-
-
-def _check_real(value: object, name: str) -> float:
-    """A finite real number (Python number or one-element tensor) as a float."""
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        if value.dtype == torch.bool or value.is_complex():
-            raise TypeError(f"{name} must be a real number, got a {value.dtype} tensor")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
-
-
-def _check_tensor(x: object, name: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"{name} must be a floating tensor (float16/32/64, bfloat16), got {x.dtype}"
-        )
-    return x
-
-
-def _check_finite_tensor(x: torch.Tensor, name: str) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or Inf")
-
-
-def _check_alphas(alphas: object) -> list[float]:
-    """``alphas`` = (alpha^(2), ..., alpha^(tau)) as a list of floats; empty means step 1."""
-    if alphas is None:
-        return []
-    if not isinstance(alphas, torch.Tensor) and hasattr(alphas, "__array__"):
-        alphas = torch.as_tensor(alphas)  # NumPy arrays and scalars
-    if isinstance(alphas, torch.Tensor):
-        if alphas.dim() > 1:
-            raise ValueError(f"alphas must be a 1-D sequence, got shape {tuple(alphas.shape)}")
-        alphas = alphas.reshape(-1).tolist()
-    elif isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
-        raise TypeError(
-            f"alphas must be a sequence of numbers (alpha^(2), ..., alpha^(tau)), "
-            f"got {type(alphas).__name__}"
-        )
-    return [_check_real(a, f"alphas[{i}]") for i, a in enumerate(alphas)]
-
-
-# ------------------------------------------------------------------------------------- kernels
-
-
-def _sq_dists(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    # |a|^2 + |b|^2 - 2 a.b: one matmul; clamp the roundoff negatives of near-duplicates.
-    d = x1.square().sum(1, keepdim=True) + x2.square().sum(1)[None, :] - 2.0 * (x1 @ x2.T)
-    return d.clamp_min_(0.0)
-
-
-def rbf_kernel(x1: torch.Tensor, x2: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Gaussian (RBF) Gram matrix ``k(x, x') = exp(-gamma ||x - x'||^2)``.
-
-    Args:
-        x1: (m, d) floating tensor.
-        x2: (n, d) tensor of the same dtype and device.
-        gamma: inverse squared length scale, finite and > 0 (scikit-learn convention).
-
-    Returns:
-        (m, n) tensor, same dtype/device as ``x1``.
-    """
-    gamma = _check_real(gamma, "gamma")
-    if gamma <= 0:
-        raise ValueError(f"gamma must be > 0, got {gamma}")
-    _check_pair(x1, x2)
-    return torch.exp(-gamma * _sq_dists(x1, x2))
-
-
-def linear_kernel(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """Linear Gram matrix ``k(x, x') = <x, x'>``: (m, d), (n, d) -> (m, n)."""
-    _check_pair(x1, x2)
-    return x1 @ x2.T
-
-
-def _check_pair(x1: object, x2: object) -> None:
-    for name, x in (("x1", x1), ("x2", x2)):
-        _check_tensor(x, name)
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (samples, features), got shape {tuple(x.shape)}")
-    if x1.shape[1] != x2.shape[1]:
-        raise ValueError(f"x1 has {x1.shape[1]} features but x2 has {x2.shape[1]}")
-    if x1.device != x2.device:
-        raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
-
-
-# ------------------------------------------------------------------------------ KRR distiller
+from fastkd.selfdistill._checks import (
+    _check_alphas,
+    _check_finite_tensor,
+    _check_real,
+    _check_tensor,
+)
+from fastkd.selfdistill.kernels import KernelArg, linear_kernel, rbf_kernel
 
 
 class KernelRidgeSelfDistiller:
@@ -515,9 +381,6 @@ class KernelRidgeSelfDistiller:
         return torch.tensor(chosen, dtype=self.dtype, device=self._device)
 
 
-# --------------------------------------------------------------------------- neural networks
-
-
 def estimate_alpha(
     val_targets: torch.Tensor,
     val_pred_alpha1: torch.Tensor,
@@ -568,94 +431,3 @@ def estimate_alpha(
         return 1.0
     alpha = float((u * (y - y0)).sum()) / uu
     return min(max(alpha, 0.0), 1.0) if clip else alpha
-
-
-def self_distillation_loss(
-    outputs: torch.Tensor,
-    targets: torch.Tensor,
-    teacher_outputs: torch.Tensor,
-    alpha: float,
-    reduction: str = "mean",
-) -> torch.Tensor:
-    """Weighted squared loss of self-distillation with ground truth (paper Section 5).
-
-    Per sample ``i`` (sums over all non-batch entries)::
-
-        l_i = alpha/2 ||f_i - Y_i||^2 + (1 - alpha)/2 ||f_i - Yt_i||^2
-
-    ``reduction="sum"`` gives ``sum_i l_i``, the paper's
-    ``alpha/2 ||f - Y||_F^2 + (1 - alpha)/2 ||f - Y^(t-1)||_F^2``; ``"mean"`` (default) gives
-    ``sum_i l_i / n`` with ``n = outputs.shape[0]`` (so the scale does not grow with the batch
-    size; the minimiser is the same); ``"none"`` gives the (n,) vector ``l``.
-    The minimiser over ``f`` is ``alpha Y + (1 - alpha) Yt`` whatever ``alpha``.
-
-    Gradients flow into every input that requires grad; detach ``teacher_outputs`` (or compute
-    it under ``torch.no_grad()``) for the usual fixed teacher. NaN/Inf in the tensors propagate.
-
-    Args:
-        outputs: (n, ...) student predictions ``f``, floating.
-        targets: ground-truth ``Y``, same shape and device.
-        teacher_outputs: previous-step predictions ``Y^(t-1)``, same shape and device.
-        alpha: finite weight of the ground truth (paper: [0, 1]; see module docstring).
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
-
-    Returns:
-        0-dim tensor (or (n,) for ``"none"``) in float32, or float64 if any input is float64.
-    """
-    alpha = _check_real(alpha, "alpha")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    names = ("outputs", "targets", "teacher_outputs")
-    ts = (outputs, targets, teacher_outputs)
-    for name, t in zip(names, ts, strict=True):
-        _check_tensor(t, name)
-        if t.dim() == 0:
-            raise ValueError(f"{name} must have a batch axis, got a 0-dim tensor")
-        if t.numel() == 0:
-            raise ValueError(f"{name} must not be empty, got shape {tuple(t.shape)}")
-        if t.shape != outputs.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(t.shape)} but outputs has {tuple(outputs.shape)}"
-            )
-        if t.device != outputs.device:
-            raise ValueError(f"{name} is on {t.device} but outputs is on {outputs.device}")
-    acc = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-    f, y, yt = (t.to(acc) for t in ts)
-    n = f.shape[0]
-    gt = (f - y).square().reshape(n, -1).sum(1)
-    kd = (f - yt).square().reshape(n, -1).sum(1)
-    per_sample = 0.5 * alpha * gt + 0.5 * (1.0 - alpha) * kd
-    if reduction == "none":
-        return per_sample
-    total = per_sample.sum()
-    return total / n if reduction == "mean" else total
-
-
-class SelfDistillationLoss(nn.Module):
-    """Module form of :func:`self_distillation_loss`.
-
-    Args:
-        alpha: ground-truth weight; may be reassigned between distillation steps
-            (e.g. ``loss.alpha = estimate_alpha(...)``).
-        reduction: ``"mean"`` (default, divides by the batch size), ``"sum"`` (the paper's
-            formula) or ``"none"``.
-
-    ``forward(outputs, targets, teacher_outputs)`` -> loss, shapes as in the function.
-    """
-
-    def __init__(self, alpha: float, reduction: str = "mean") -> None:
-        super().__init__()
-        self.alpha = _check_real(alpha, "alpha")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-        self.reduction = reduction
-
-    def forward(
-        self, outputs: torch.Tensor, targets: torch.Tensor, teacher_outputs: torch.Tensor
-    ) -> torch.Tensor:
-        return self_distillation_loss(
-            outputs, targets, teacher_outputs, self.alpha, reduction=self.reduction
-        )
-
-    def extra_repr(self) -> str:
-        return f"alpha={self.alpha}, reduction={self.reduction!r}"
