@@ -6,7 +6,7 @@ O(B^2) memory; the fused backends compute exactly the same numbers in O(B*D).
 
 Dtypes: inputs may be float16/bfloat16/float32/float64; arithmetic runs in float32
 (float64 for float64 inputs) and the returned loss has that accumulation dtype.
-Input validation lives in :mod:`fastkd._validate`; these functions assume valid input.
+Input validation lives in :mod:`fastkd.validation`; these functions assume valid input.
 """
 
 from __future__ import annotations

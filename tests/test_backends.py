@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd.backends import BackendUnavailableError, resolve_backend
+from fastkd.registry import BackendUnavailableError, resolve_backend
 
 CPU = torch.device("cpu")
 

@@ -11,7 +11,7 @@ import torch
 
 import fastkd
 from fastkd import _extension
-from fastkd.backends import BackendUnavailableError
+from fastkd.registry import BackendUnavailableError
 
 requires_cuda_build = pytest.mark.skipif(
     os.environ.get("FASTKD_BUILD_CUDA") != "1",

@@ -2,18 +2,20 @@
 
 Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake kernels)::
 
-    fastkd_triton::fkd_forward(student, teachers, kd_weight, fr_weight, deterministic=None)
-        -> loss                                 # 0-dim
-    fastkd_triton::fkd_backward(grad, student, teachers, kd_weight, fr_weight, teachers_grad,
-        deterministic=None) -> (grad_student, grad_teachers)
+    fastkd_triton::fkd_forward(student, teachers, kd_weight, fr_weight) -> loss     # 0-dim
+    fastkd_triton::fkd_backward(grad, student, teachers, kd_weight, fr_weight, teachers_grad)
+        -> (grad_student, grad_teachers)
     fastkd_triton::fkd_forward_backward(student, teachers, kd_weight, fr_weight, teachers_grad)
         -> (loss, grad_student, grad_teachers)     # one sweep: the training-step path
+
+Schemas equal the compiled ``fastkd::fkd_*`` ones (``csrc/ops.cpp``,
+:data:`fastkd.ops.fkd.SCHEMAS`); fakes and autograd come from :mod:`fastkd.ops.fkd`.
 
 student (B, Ds), teachers a list of E tensors (B, Dt_e); float16/bfloat16/float32/float64, any
 strides (read in place; only a float64 call copies the other inputs to float64). The loss is
 float32, float64 if any input is float64; gradients come back in each input's dtype,
 ``grad_teachers`` is ``[]`` unless ``teachers_grad``.
-Registered as the ``triton`` backend of the ``fkd`` op of :mod:`fastkd.backends`.
+Registered as the ``triton`` backend of the ``fkd`` op of :mod:`fastkd.registry`.
 
 Algorithm (names as in SPEC §1, A = normalize(student), That_e = normalize(teacher_e)):
 
@@ -49,9 +51,10 @@ slots: beyond that, the remaining teachers are normalised and concatenated into 
 computed always gets its own slot.
 
 Determinism: by default the forward writes one partial sum per tile and ``torch.sum`` reduces
-them in a fixed order, so two runs give bit-identical losses. ``deterministic=False`` (argument
-of the ops, or the module-level ``DETERMINISTIC``) accumulates with atomics instead, whose
-order varies. The backward has no cross-program reduction and is always deterministic.
+them in a fixed order, so two runs give bit-identical losses. Setting the module-level
+``DETERMINISTIC = False`` (read at each call, a setting rather than an op argument so the schema
+stays that of ``csrc/ops.cpp``) accumulates with atomics instead, whose order varies. The
+backward has no cross-program reduction and is always deterministic.
 
 Precision: accumulation in float32 (float64 if any input is float64: every input is then
 upcast to float64 and ``tl.dot`` runs in float64). float32 dots use TF32 only when
@@ -67,102 +70,35 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastkd._validate import check_features, check_finite_number, check_teachers
-from fastkd.backends import register_kernels
-from fastkd.reference import NORM_EPS, loss_dtype
-from fastkd.triton import interpreter_enabled
+from fastkd.ops import fkd as fkd_ops
+from fastkd.reference import loss_dtype
+from fastkd.triton._common import (
+    BACKEND,
+    NAMESPACE,
+    TL_DTYPES,
+    _dot_tile,
+    _mma,
+    block_config,
+    check_grad,
+    check_triton_inputs,
+    custom_op,
+    device_guard,
+    dot_precision,
+    pow2,
+    row_norms,
+)
+from fastkd.validation import check_features, check_finite_number, check_teachers
 
 # Teacher tuple slots compiled into one kernel; further teachers share a concatenated slot.
 MAX_TEACHER_SLOTS = 8
-# Default for the ``deterministic`` argument of the ops when it is None.
+# Forward reduction: True sums per-tile partials in a fixed order (bit-identical runs), False
+# accumulates with atomics. Read at every call.
 DETERMINISTIC = True
-
-_TL_DTYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b. The TF32/IEEE choice only means something for 32/64-bit operands."""
-    if a.dtype == tl.float16 or a.dtype == tl.bfloat16:
-        acc = tl.dot(a, b, acc)
-    else:
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-    return acc
-
-
-@triton.jit
-def _row_norm_kernel(
-    x_ptr,
-    stride_r,
-    stride_c,
-    B,
-    D,
-    inv_ptr,
-    sumsq_ptr,
-    eps,
-    WRITE_SUMSQ: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    """inv[i] = 1 / max(||x_i||, eps) and optionally sumsq[i] = ||x_i||^2, in ACC."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    rmask = rows < B
-    base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
-    acc = tl.zeros((BLOCK_R, BLOCK_D), ACC)
-    for k in range(0, D, BLOCK_D):
-        cols = k + tl.arange(0, BLOCK_D)
-        mask = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(base + cols[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
-        acc += x * x
-    sumsq = tl.sum(acc, axis=1)
-    if ACC == tl.float64:
-        inv = 1.0 / tl.maximum(tl.sqrt(sumsq), eps)
-    else:  # correctly rounded, as torch computes it
-        inv = tl.math.div_rn(1.0, tl.maximum(tl.math.sqrt_rn(sumsq), eps))
-    tl.store(inv_ptr + rows, inv, mask=rmask)
-    if WRITE_SUMSQ:
-        tl.store(sumsq_ptr + rows, sumsq, mask=rmask)
-
-
-@triton.jit
-def _dot_tile(
-    x_ptr,
-    stride_r,
-    stride_c,
-    D,
-    rows_i,
-    rows_j,
-    mask_i,
-    mask_j,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    ACC: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
-    """Tile (rows_i, rows_j) of x x^T from the raw rows, BLOCK_K features at a time (16-bit
-    inputs go to the tensor cores unmodified); 0 on padding rows/columns."""
-    base_i = x_ptr + rows_i.to(tl.int64)[:, None] * stride_r
-    base_j = x_ptr + rows_j.to(tl.int64)[:, None] * stride_r
-    dot = tl.zeros((BLOCK_M, BLOCK_N), ACC)
-    for k in range(0, D, BLOCK_K):
-        cols = k + tl.arange(0, BLOCK_K)
-        cmask = (cols < D)[None, :]
-        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
-        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
-        dot = _mma(a, tl.trans(b), dot, PRECISION)
-    return dot
 
 
 @triton.jit
@@ -373,57 +309,14 @@ def _fkd_backward_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _pow2(n: int) -> int:
-    return triton.next_power_of_2(max(int(n), 1))
-
-
-def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: bool) -> dict:
-    """Block sizes: a fixed heuristic (no autotuning, so results never depend on timing).
-
-    ``widths`` are the feature widths of all inputs, ``dtype`` the widest input dtype. GPU
-    (checked with ptxas for sm_90: no register spills for 16-bit inputs, a few bytes for fp32):
-    forward tiles BLOCK x BLOCK = 64 x 64, backward tiles BLOCK x BLOCK_N = 64 x 32 with a
-    64 x BLOCK_DO = 64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for
-    fp64), 8 warps. Small problems shrink the blocks to the next power of two, never below 16
-    (the tl.dot minimum). The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
-    != BLOCK, so that small test shapes cover several row blocks, K chunks and output chunks.
-    """
-    if interpret:
-        return {"BLOCK": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32, "num_warps": 1}
-    block = min(64, max(16, _pow2(batch)))
-    block_k = 16 if dtype == torch.float64 else 32
-    return {
-        "BLOCK": block,
-        "BLOCK_N": min(32, block),
-        "BLOCK_K": min(block_k, max(16, _pow2(max(widths)))),
-        "BLOCK_DO": 64 if dtype == torch.float64 else 128,  # fp64 accumulators: half the width
-        "num_warps": 8,
-    }
-
-
-def _check_device(student: Tensor) -> bool:
-    """Raise unless Triton can run on the inputs' device; return whether it interprets."""
-    interpret = interpreter_enabled()
-    expected = "cpu" if interpret else "cuda"
-    if student.device.type != expected:
-        how = "CPU tensors (TRITON_INTERPRET=1)" if interpret else "CUDA tensors"
-        raise ValueError(f"student is on {student.device}, but the Triton backend runs on {how}")
-    return interpret
-
-
 def _check_inputs(student, teachers, kd_weight, fr_weight) -> tuple[list[Tensor], bool]:
+    """Validated teachers (a list) and whether the interpreter runs the kernels."""
     check_features(student, "student")
     check_finite_number(kd_weight, "kd_weight")
     check_finite_number(fr_weight, "fr_weight")
     teachers = check_teachers(teachers, student, min_batch=1)
-    interpret = _check_device(student)
-    if interpret:  # numpy has no bfloat16: the interpreter would compute garbage
-        for name, x in [("student", student)] + [
-            (f"teacher[{i}]", t) for i, t in enumerate(teachers)
-        ]:
-            if x.dtype == torch.bfloat16:
-                raise TypeError(f"{name} is bfloat16, which the Triton interpreter cannot compute")
-    return teachers, interpret
+    named = {"student": student} | {f"teacher[{i}]": t for i, t in enumerate(teachers)}
+    return teachers, check_triton_inputs(named)
 
 
 class _Problem:
@@ -441,23 +334,10 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
-        tf32 = not interpret and self.acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-        self.precision = "tf32" if tf32 else "ieee"
+        self.precision = dot_precision(self.acc, interpret)
         self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)
-        self.inv_student = self._inv_norm(student, self.sumsq)
-        self.inv_teachers = [self._inv_norm(t) for t in teachers]
-
-    def _inv_norm(self, x: Tensor, sumsq: Tensor | None = None) -> Tensor:
-        inv = torch.empty(self.batch, dtype=self.acc, device=x.device)
-        block_r = 16
-        block_d = 16 if self.interpret else min(128, _pow2(x.shape[1]))
-        _row_norm_kernel[(triton.cdiv(self.batch, block_r),)](
-            x, x.stride(0), x.stride(1), self.batch, x.shape[1], inv,
-            inv if sumsq is None else sumsq, NORM_EPS,
-            WRITE_SUMSQ=sumsq is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-            ACC=_TL_DTYPES[self.acc],
-        )  # fmt: skip
-        return inv
+        self.inv_student = row_norms(student, self.acc, interpret, sumsq=self.sumsq)
+        self.inv_teachers = [row_norms(t, self.acc, interpret) for t in teachers]
 
     def slots(self, first: int | None = None) -> tuple[list[Tensor], Tensor]:
         """Teacher slots (teacher ``first`` in slot 0 if given) and the (1 + S, B) inverse
@@ -497,7 +377,7 @@ class _Problem:
         _fkd_forward_kernel[(nb, nb)](
             *self.common_args(slots, inv), out, self.batch, 1.0 / len(self.teachers),
             NUM_T=len(slots), ATOMIC=not deterministic, BLOCK=self.cfg["BLOCK"],
-            BLOCK_K=self.cfg["BLOCK_K"], ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
+            BLOCK_K=self.cfg["BLOCK_K"], ACC=TL_DTYPES[self.acc], PRECISION=self.precision,
             num_warps=self.cfg["num_warps"],
         )  # fmt: skip
         return out.sum()
@@ -535,7 +415,7 @@ class _Problem:
             kd_scale = -kd_scale / len(self.teachers)
         out = torch.empty(y.shape, dtype=dtype, device=y.device)
         cfg = self.cfg
-        block_do = min(cfg["BLOCK_DO"], max(16, _pow2(y.shape[1])))
+        block_do = min(cfg["BLOCK_DO"], max(16, pow2(y.shape[1])))
         grid = (triton.cdiv(b, cfg["BLOCK"]), triton.cdiv(y.shape[1], block_do))
         _fkd_backward_kernel[grid](
             *self.common_args(slots, inv), b, 1.0 / len(self.teachers),
@@ -544,7 +424,7 @@ class _Problem:
             NUM_T=len(slots), TARGET=which, HAS_FR=fr_scale != 0.0,
             LOSS=loss_partials is not None, BLOCK_M=cfg["BLOCK"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=block_do,
-            ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
+            ACC=TL_DTYPES[self.acc], PRECISION=self.precision,
             num_warps=cfg["num_warps"],
         )  # fmt: skip
         return out
@@ -555,34 +435,24 @@ class _Problem:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastkd_triton::fkd_forward", mutates_args=())
+@custom_op("fkd_forward", fkd_ops.SCHEMAS)
 def fkd_forward(
-    student: Tensor,
-    teachers: list[Tensor],
-    kd_weight: float,
-    fr_weight: float,
-    deterministic: bool | None = None,
+    student: Tensor, teachers: list[Tensor], kd_weight: float, fr_weight: float
 ) -> Tensor:
     """FKD loss (SPEC §1) by the Triton kernels; see the module docstring.
 
     student (B, Ds), teachers E tensors (B, Dt_e); float16/bfloat16/float32/float64, any
     strides. Returns the 0-dim ``kd_weight * mean (rho_S - rho_T)^2 + fr_weight * mean(fs^2)``
-    in float32 (float64 if any input is float64). ``deterministic=None`` reads the module's
-    ``DETERMINISTIC``; False sums the tile partials with atomics (run-to-run bit differences).
+    in float32 (float64 if any input is float64). The tile partials are summed in a fixed order
+    unless the module's ``DETERMINISTIC`` is False (atomics: run-to-run bit differences).
     """
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
-    if deterministic is None:
-        deterministic = DETERMINISTIC
-    problem = _Problem(student, teachers, interpret)
-    return problem.loss(problem.forward(bool(deterministic)), kd_weight, fr_weight)
+    with device_guard(student):
+        problem = _Problem(student, teachers, interpret)
+        return problem.loss(problem.forward(bool(DETERMINISTIC)), kd_weight, fr_weight)
 
 
-@fkd_forward.register_fake
-def _fkd_forward_fake(student, teachers, kd_weight, fr_weight, deterministic=None):
-    return student.new_empty((), dtype=loss_dtype(student, *teachers))
-
-
-@torch.library.custom_op("fastkd_triton::fkd_backward", mutates_args=())
+@custom_op("fkd_backward", fkd_ops.SCHEMAS)
 def fkd_backward(
     grad: Tensor,
     student: Tensor,
@@ -590,39 +460,29 @@ def fkd_backward(
     kd_weight: float,
     fr_weight: float,
     teachers_grad: bool,
-    deterministic: bool | None = None,
 ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of :func:`fkd_forward` times ``grad`` (0-dim, the loss's gradient).
 
     Returns (grad_student (B, Ds) in student's dtype, [grad_teacher_e (B, Dt_e) in each
-    teacher's dtype] if ``teachers_grad`` else []). Always deterministic (``deterministic`` is
-    accepted for symmetry with the forward op). ``grad`` is read on the device: no host sync.
+    teacher's dtype] if ``teachers_grad`` else []). Always deterministic (no cross-program
+    reduction). ``grad`` is read on the device: no host sync.
     """
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
-    if not isinstance(grad, Tensor) or grad.numel() != 1:
-        raise ValueError(f"grad must be a one-element tensor, got {getattr(grad, 'shape', grad)}")
-    if grad.device != student.device:
-        raise ValueError(f"grad is on {grad.device} but student is on {student.device}")
-    problem = _Problem(student, teachers, interpret)
-    grad = grad.to(problem.acc).reshape(())
-    grad_student = problem.gradient(None, grad, kd_weight, fr_weight, student.dtype)
-    grad_teachers = []
-    if teachers_grad:
-        grad_teachers = [
-            problem.gradient(e, grad, kd_weight, fr_weight, t.dtype) for e, t in enumerate(teachers)
-        ]
+    check_grad(grad, student)
+    with device_guard(student):
+        problem = _Problem(student, teachers, interpret)
+        grad = grad.to(problem.acc).reshape(())
+        grad_student = problem.gradient(None, grad, kd_weight, fr_weight, student.dtype)
+        grad_teachers = []
+        if teachers_grad:
+            grad_teachers = [
+                problem.gradient(e, grad, kd_weight, fr_weight, t.dtype)
+                for e, t in enumerate(teachers)
+            ]
     return grad_student, grad_teachers
 
 
-@fkd_backward.register_fake
-def _fkd_backward_fake(
-    grad, student, teachers, kd_weight, fr_weight, teachers_grad, deterministic=None
-):
-    grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
-    return torch.empty_like(student), grad_teachers
-
-
-@torch.library.custom_op("fastkd_triton::fkd_forward_backward", mutates_args=())
+@custom_op("fkd_forward_backward", fkd_ops.SCHEMAS)
 def fkd_forward_backward(
     student: Tensor,
     teachers: list[Tensor],
@@ -638,55 +498,23 @@ def fkd_forward_backward(
     Deterministic (per-row-block partials summed in a fixed order).
     """
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
-    problem = _Problem(student, teachers, interpret)
-    one = torch.ones((), dtype=problem.acc, device=student.device)
-    partials = torch.empty(
-        triton.cdiv(student.shape[0], problem.cfg["BLOCK"]), dtype=problem.acc, device=one.device
-    )
-    grad_student = problem.gradient(None, one, kd_weight, fr_weight, student.dtype, partials)
-    loss = problem.loss(partials.sum(), kd_weight, fr_weight)
-    grad_teachers = []
-    if teachers_grad:
-        grad_teachers = [
-            problem.gradient(e, one, kd_weight, fr_weight, t.dtype) for e, t in enumerate(teachers)
-        ]
+    with device_guard(student):
+        problem = _Problem(student, teachers, interpret)
+        one = torch.ones((), dtype=problem.acc, device=student.device)
+        partials = torch.empty(
+            triton.cdiv(student.shape[0], problem.cfg["BLOCK"]),
+            dtype=problem.acc,
+            device=one.device,
+        )
+        grad_student = problem.gradient(None, one, kd_weight, fr_weight, student.dtype, partials)
+        loss = problem.loss(partials.sum(), kd_weight, fr_weight)
+        grad_teachers = []
+        if teachers_grad:
+            grad_teachers = [
+                problem.gradient(e, one, kd_weight, fr_weight, t.dtype)
+                for e, t in enumerate(teachers)
+            ]
     return loss, grad_student, grad_teachers
 
 
-@fkd_forward_backward.register_fake
-def _fkd_forward_backward_fake(student, teachers, kd_weight, fr_weight, teachers_grad):
-    loss = student.new_empty((), dtype=loss_dtype(student, *teachers))
-    grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
-    return loss, torch.empty_like(student), grad_teachers
-
-
-def _setup_context(ctx, inputs, output):
-    student, teachers, kd_weight, fr_weight, _ = inputs
-    ctx.save_for_backward(student, *teachers)
-    ctx.weights = (kd_weight, fr_weight)
-
-
-def _backward(ctx, grad):
-    student, *teachers = ctx.saved_tensors
-    # needs_input_grad holds one bool per teacher for the list argument.
-    need = ctx.needs_input_grad[1]
-    need = list(need) if isinstance(need, (list, tuple)) else [bool(need)] * len(teachers)
-    teachers_grad = any(need)
-    grad_student, grad_teachers = fkd_backward(grad, student, teachers, *ctx.weights, teachers_grad)
-    if not ctx.needs_input_grad[0]:
-        grad_student = None
-    grads = [None] * len(teachers)  # the list argument needs a list of the same length back
-    if teachers_grad:
-        grads = [g if n else None for g, n in zip(grad_teachers, need, strict=True)]
-    return (grad_student, grads) + (None,) * (len(ctx.needs_input_grad) - 2)
-
-
-fkd_forward.register_autograd(_backward, setup_context=_setup_context)
-
-register_kernels(
-    "fkd",
-    "triton",
-    torch.ops.fastkd_triton.fkd_forward,
-    torch.ops.fastkd_triton.fkd_backward,
-    torch.ops.fastkd_triton.fkd_forward_backward,
-)
+fkd_ops.register(NAMESPACE, (BACKEND,))

@@ -11,7 +11,9 @@ Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake ker
 student (B, Ds), teacher (B, Dt), B >= 2; float16/bfloat16/float32/float64, any strides (read
 in place; a float64 call copies the other input to float64). The loss is float32, float64 if an
 input is float64; gradients come back in each input's dtype, ``grad_teacher`` is empty (0,)
-unless ``teacher_grad``. Registered as the ``triton`` backend of the ``rkd`` op.
+unless ``teacher_grad``. Registered as the ``triton`` backend of the ``rkd`` op; schemas equal
+the compiled ``fastkd::rkd_*`` ones (:data:`fastkd.ops.rkd.SCHEMAS`), fakes and autograd come
+from :mod:`fastkd.ops.rkd`.
 
 Algorithm (the same three sweeps as the CPU kernel, ``csrc/cpu/rkd.cpp``), with
 d_ij = sqrt(max(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12)) for i != j formed tile by tile from
@@ -27,11 +29,11 @@ d_ij = sqrt(max(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12)) for i != j formed tile by
 
 Sweeps 1 and 2 write one partial per tile, reduced by ``torch.sum`` in a fixed order, and the
 scalars between sweeps stay on the device (no host sync): results are deterministic. Block
-sizes are FKD's heuristic (:func:`fastkd.triton.fkd.block_config`); as there, a gradient wider
-than BLOCK_DO is split over several programs per row block that each recompute the distance
-tiles. Precision as FKD's: float32 accumulation (float64 for float64 inputs), TF32 only when
-``torch.backends.cuda.matmul.allow_tf32`` is True, and for 16-bit inputs the W tile is rounded
-to the input dtype for the tensor cores in sweep 3.
+sizes are FKD's heuristic (:func:`fastkd.triton._common.block_config`); as there, a gradient
+wider than BLOCK_DO is split over several programs per row block that each recompute the
+distance tiles. Precision as FKD's: float32 accumulation (float64 for float64 inputs), TF32
+only when ``torch.backends.cuda.matmul.allow_tf32`` is True, and for 16-bit inputs the W tile
+is rounded to the input dtype for the tensor cores in sweep 3.
 """
 
 from __future__ import annotations
@@ -41,23 +43,24 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastkd._ops import (
-    register_rkd_autograd,
-    rkd_backward_fake,
-    rkd_forward_backward_fake,
-    rkd_forward_fake,
-)
-from fastkd.backends import register_kernels
-from fastkd.reference import NORM_EPS, loss_dtype
-from fastkd.triton.fkd import (
-    _TL_DTYPES,
-    _check_device,
+from fastkd.ops import rkd as rkd_ops
+from fastkd.reference import loss_dtype
+from fastkd.triton._common import (
+    BACKEND,
+    NAMESPACE,
+    TL_DTYPES,
     _dot_tile,
     _mma,
-    _pow2,
-    _row_norm_kernel,
     block_config,
+    check_grad,
+    check_triton_inputs,
+    custom_op,
+    device_guard,
+    dot_precision,
+    pow2,
+    row_norms,
 )
+from fastkd.validation import check_pair
 
 SQUARED_DISTANCE_EPS = 1e-12  # RepDistiller's pdist clamp (csrc/include/fastkd/rkd_math.h)
 
@@ -266,32 +269,12 @@ def _rkd_grad_kernel(
 # --------------------------------------------------------------------------------------------
 
 
-def _check_inputs(student: Tensor, teacher: Tensor) -> bool:
-    for name, x in (("student", student), ("teacher", teacher)):
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.numel() == 0:
-            raise ValueError(f"{name} must be a non-empty 2-D tensor, got {getattr(x, 'shape', x)}")
-        if x.dtype not in _TL_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
-    if student.shape[0] < 2 or teacher.shape[0] != student.shape[0]:
-        raise ValueError(
-            f"student and teacher need the same batch size of at least 2, got "
-            f"{student.shape[0]} and {teacher.shape[0]}"
-        )
-    if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
-    interpret = _check_device(student)
-    if interpret:  # numpy has no bfloat16: the interpreter would compute garbage
-        for name, x in (("student", student), ("teacher", teacher)):
-            if x.dtype == torch.bfloat16:
-                raise TypeError(f"{name} is bfloat16, which the Triton interpreter cannot compute")
-    return interpret
-
-
 class _Problem:
     """Inputs in compute form, squared row norms, launch settings and the sweep scalars."""
 
     def __init__(self, student: Tensor, teacher: Tensor):
-        interpret = _check_inputs(student, teacher)
+        check_pair(student, teacher, flatten=False)
+        interpret = check_triton_inputs({"student": student, "teacher": teacher})
         self.grad_dtypes = (student.dtype, teacher.dtype)
         self.out_dtype = self.acc = loss_dtype(student, teacher)
         if self.acc == torch.float64:  # fp64 dots need fp64 on both operands
@@ -301,16 +284,11 @@ class _Problem:
         self.interpret = interpret
         dtype = max((student, teacher), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret)
-        tf32 = not interpret and self.acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-        self.precision = "tf32" if tf32 else "ieee"
+        self.precision = dot_precision(self.acc, interpret)
         self.sq = torch.empty((2, b), dtype=self.acc, device=student.device)
         scratch = torch.empty(b, dtype=self.acc, device=student.device)
         for row, x in enumerate((student, teacher)):
-            block_d = 16 if interpret else min(128, _pow2(x.shape[1]))
-            _row_norm_kernel[(triton.cdiv(b, 16),)](
-                x, x.stride(0), x.stride(1), b, x.shape[1], scratch, self.sq[row], NORM_EPS,
-                WRITE_SUMSQ=True, BLOCK_R=16, BLOCK_D=block_d, ACC=_TL_DTYPES[self.acc],
-            )  # fmt: skip
+            row_norms(x, self.acc, interpret, inv=scratch, sumsq=self.sq[row])
 
     def _args(self) -> tuple:
         s, t = self.student, self.teacher
@@ -325,7 +303,7 @@ class _Problem:
         out = torch.zeros((3, nb * nb), dtype=self.acc, device=self.sq.device)
         _rkd_sums_kernel[(nb, nb)](
             *self._args(), scal, out, LOSS=loss, BLOCK=self.cfg["BLOCK"],
-            BLOCK_K=self.cfg["BLOCK_K"], ACC=_TL_DTYPES[self.acc], PRECISION=self.precision,
+            BLOCK_K=self.cfg["BLOCK_K"], ACC=TL_DTYPES[self.acc], PRECISION=self.precision,
             num_warps=self.cfg["num_warps"],
         )  # fmt: skip
         return out.sum(1)
@@ -346,13 +324,13 @@ class _Problem:
         scal = torch.cat([scal, (grad.to(self.acc) * (4.0 / (float(b) * b))).reshape(1)])
         y = self.teacher if teacher else self.student
         out = torch.empty(y.shape, dtype=dtype, device=y.device)
-        block_do = min(cfg["BLOCK_DO"], max(16, _pow2(y.shape[1])))
+        block_do = min(cfg["BLOCK_DO"], max(16, pow2(y.shape[1])))
         grid = (triton.cdiv(b, cfg["BLOCK"]), triton.cdiv(y.shape[1], block_do))
         _rkd_grad_kernel[grid](
             *self._args(), scal, y, y.stride(0), y.stride(1), y.shape[1],
             out, out.stride(0), out.stride(1), TEACHER=teacher, BLOCK_M=cfg["BLOCK"],
             BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_DO=block_do,
-            ACC=_TL_DTYPES[self.acc], PRECISION=self.precision, num_warps=cfg["num_warps"],
+            ACC=TL_DTYPES[self.acc], PRECISION=self.precision, num_warps=cfg["num_warps"],
         )  # fmt: skip
         return out
 
@@ -370,54 +348,39 @@ class _Problem:
 # --------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("fastkd_triton::rkd_forward", mutates_args=())
+@custom_op("rkd_forward", rkd_ops.SCHEMAS)
 def rkd_forward(student: Tensor, teacher: Tensor) -> Tensor:
     """RKD distance loss (SPEC §2) by the Triton kernels (sweeps 1 and 2); see the module
     docstring. student (B, Ds), teacher (B, Dt). Returns the 0-dim loss, float32 (float64 if
     an input is float64)."""
-    return _Problem(student, teacher).loss_and_scalars()[0]
+    with device_guard(student):
+        return _Problem(student, teacher).loss_and_scalars()[0]
 
 
-rkd_forward.register_fake(rkd_forward_fake)
-
-
-@torch.library.custom_op("fastkd_triton::rkd_backward", mutates_args=())
+@custom_op("rkd_backward", rkd_ops.SCHEMAS)
 def rkd_backward(
     grad: Tensor, student: Tensor, teacher: Tensor, teacher_grad: bool
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`rkd_forward` times ``grad`` (one-element tensor, read on the device):
     (grad_student like student, grad_teacher like teacher, or (0,) unless ``teacher_grad``)."""
-    if not isinstance(grad, Tensor) or grad.numel() != 1:
-        raise ValueError(f"grad must be a one-element tensor, got {getattr(grad, 'shape', grad)}")
-    if grad.device != student.device:
-        raise ValueError(f"grad is on {grad.device} but student is on {student.device}")
-    problem = _Problem(student, teacher)
-    _, scal = problem.loss_and_scalars()
-    return problem.gradients(scal, grad.reshape(()), teacher_grad)
+    check_grad(grad, student)
+    with device_guard(student):
+        problem = _Problem(student, teacher)
+        _, scal = problem.loss_and_scalars()
+        return problem.gradients(scal, grad.reshape(()), teacher_grad)
 
 
-rkd_backward.register_fake(rkd_backward_fake)
-
-
-@torch.library.custom_op("fastkd_triton::rkd_forward_backward", mutates_args=())
+@custom_op("rkd_forward_backward", rkd_ops.SCHEMAS)
 def rkd_forward_backward(
     student: Tensor, teacher: Tensor, teacher_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and its gradients for a unit upstream gradient, from one run of the three sweeps:
     (loss, grad_student, grad_teacher), as :func:`rkd_forward` and :func:`rkd_backward`."""
-    problem = _Problem(student, teacher)
-    loss, scal = problem.loss_and_scalars()
-    one = torch.ones((), dtype=problem.acc, device=student.device)
-    return loss, *problem.gradients(scal, one, teacher_grad)
+    with device_guard(student):
+        problem = _Problem(student, teacher)
+        loss, scal = problem.loss_and_scalars()
+        one = torch.ones((), dtype=problem.acc, device=student.device)
+        return loss, *problem.gradients(scal, one, teacher_grad)
 
 
-rkd_forward_backward.register_fake(rkd_forward_backward_fake)
-register_rkd_autograd(rkd_forward, rkd_backward)
-
-register_kernels(
-    "rkd",
-    "triton",
-    torch.ops.fastkd_triton.rkd_forward,
-    torch.ops.fastkd_triton.rkd_backward,
-    torch.ops.fastkd_triton.rkd_forward_backward,
-)
+rkd_ops.register(NAMESPACE, (BACKEND,))

@@ -1,7 +1,8 @@
 """SRD (SPEC §3) in Triton: LogSum of batch-normalised features, fused.
 
 Custom ops ``fastkd_triton::srd_forward`` / ``srd_backward`` with the schema and outputs of the
-compiled ``fastkd::srd_*`` ops (see csrc/ops.cpp), registered as the "triton" backend of "srd".
+compiled ``fastkd::srd_*`` ops (csrc/ops.cpp, :data:`fastkd.ops.srd.SCHEMAS`), registered as the
+"triton" backend of "srd"; their fakes and autograd come from :mod:`fastkd.ops.srd`.
 
 The (B, D) inputs are cut into column blocks of BLOCK_D columns and row splits of a multiple of
 BLOCK_B rows; one program per (column block, row split):
@@ -20,6 +21,8 @@ BLOCK_B rows; one program per (column block, row split):
 Arithmetic is float32 (float64 for float64 inputs). No B x D temporaries beyond the gradients.
 """
 
+from __future__ import annotations
+
 import math
 
 import torch
@@ -27,10 +30,19 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastkd._ops import register_srd_autograd, srd_backward_fake
-from fastkd.backends import register_kernels
-from fastkd.reference import SRD_TINY
-from fastkd.triton import interpreter_enabled
+from fastkd.ops import srd as srd_ops
+from fastkd.reference import SRD_TINY, loss_dtype
+from fastkd.triton._common import (
+    BACKEND,
+    NAMESPACE,
+    TL_DTYPES,
+    check_grad,
+    check_triton_inputs,
+    custom_op,
+    device_guard,
+    interpreter_enabled,
+)
+from fastkd.validation import check_features
 
 try:  # pow() for a non-integer p on a GPU; the interpreter has no libdevice
     from triton.language.extra import libdevice
@@ -299,14 +311,6 @@ def _integer_power(p: float) -> int:
     return int(p) if p == math.floor(p) and 1 <= p <= MAX_INTEGER_POWER else 0
 
 
-def _acc_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _tl_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
-
-
 def _params(p: float, eps: float, acc: torch.dtype, device: torch.device) -> Tensor:
     # Triton passes Python floats as float32: p and eps travel in a tensor of the accumulation
     # dtype so that float64 runs use them unrounded.
@@ -343,19 +347,26 @@ def _launch_config(batch: int, width: int, device: torch.device) -> dict:
 def _stats_from_running(z: Tensor, mean: Tensor | None, var: Tensor | None, eps: float, side: str):
     if mean is None or var is None:
         raise ValueError(f"eval mode needs the {side} running mean and running var")
-    acc = _acc_dtype(z)
+    acc = loss_dtype(z)
     mean, var = mean.to(z.device, acc), var.to(z.device, acc)
     return torch.stack([mean, var, mean - z[0].to(acc), torch.rsqrt(var + eps)])
 
 
 def _check(student: Tensor, teacher: Tensor) -> None:
-    if student.dim() != 2 or student.numel() == 0:
-        raise ValueError(f"student must be a non-empty 2-D tensor, got {tuple(student.shape)}")
+    """(B, D) floating inputs of one shape and dtype, on a device Triton runs on."""
+    check_features(student, "student")
+    check_features(teacher, "teacher")
     if teacher.shape != student.shape or teacher.dtype != student.dtype:
-        raise ValueError("teacher must have the student's shape and dtype")
+        raise ValueError(
+            f"teacher must have the student's shape and dtype, got {tuple(teacher.shape)} "
+            f"{teacher.dtype} and {tuple(student.shape)} {student.dtype}"
+        )
+    if teacher.device != student.device:
+        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
+    check_triton_inputs({"student": student, "teacher": teacher})
 
 
-@torch.library.custom_op("fastkd_triton::srd_forward", mutates_args=())
+@custom_op("srd_forward", srd_ops.SCHEMAS)
 def srd_forward(
     student: Tensor,
     teacher: Tensor,
@@ -369,9 +380,15 @@ def srd_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (loss, S, stats_s, stats_t, sums) like ``fastkd::srd_forward``."""
     _check(student, teacher)
+    with device_guard(student):
+        running = (running_mean_s, running_var_s, running_mean_t, running_var_t)
+        return _forward(student, teacher, p, eps, training, *running)
+
+
+def _forward(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t):
     student, teacher = student.contiguous(), teacher.contiguous()
     batch, width = student.shape
-    acc = _acc_dtype(student)
+    acc = loss_dtype(student)
     cfg = _launch_config(batch, width, student.device)
     block_b, block_d, rows, splits = (
         cfg["BLOCK_B"], cfg["BLOCK_D"], cfg["rows_per_split"], cfg["n_splits"],
@@ -386,19 +403,19 @@ def srd_forward(
         stats_t = torch.empty_like(stats_s)
         _stats_partial_kernel[(col_blocks, splits)](
             student, teacher, part, batch, width, rows, splits,
-            ACC=_tl_dtype(acc), BLOCK_B=block_b, BLOCK_D=block_d,
+            ACC=TL_DTYPES[acc], BLOCK_B=block_b, BLOCK_D=block_d,
         )  # fmt: skip
         _stats_finalize_kernel[(col_blocks,)](
             student, teacher, part, stats_s, stats_t, batch, width, rows, splits, params,
-            ACC=_tl_dtype(acc), BLOCK_D=block_d,
+            ACC=TL_DTYPES[acc], BLOCK_D=block_d,
         )  # fmt: skip
     else:
-        stats_s = _stats_from_running(student, running_mean_s, running_var_s, eps, "student")
-        stats_t = _stats_from_running(teacher, running_mean_t, running_var_t, eps, "teacher")
+        stats_s = _stats_from_running(student, rm_s, rv_s, eps, "student")
+        stats_t = _stats_from_running(teacher, rm_t, rv_t, eps, "teacher")
     part = torch.empty((splits, 4, width), device=student.device, dtype=acc)
     _sums_partial_kernel[(col_blocks, splits)](
         student, teacher, stats_s, stats_t, part, batch, width, rows, params,
-        ACC=_tl_dtype(acc), P_INT=_integer_power(p), USE_LIBDEVICE=not interpreter_enabled(),
+        ACC=TL_DTYPES[acc], P_INT=_integer_power(p), USE_LIBDEVICE=not interpreter_enabled(),
         BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
     sums = part.sum(0)
@@ -408,15 +425,7 @@ def srd_forward(
     return loss, total, stats_s, stats_t, sums
 
 
-@srd_forward.register_fake
-def _srd_forward_fake(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t):
-    acc = _acc_dtype(student)
-    width = student.shape[1]
-    scalar = student.new_empty((), dtype=acc)
-    return scalar, scalar.clone(), *(student.new_empty((4, width), dtype=acc) for _ in range(3))
-
-
-@torch.library.custom_op("fastkd_triton::srd_backward", mutates_args=())
+@custom_op("srd_backward", srd_ops.SCHEMAS)
 def srd_backward(
     grad: Tensor,
     student: Tensor,
@@ -432,9 +441,17 @@ def srd_backward(
     """(grad_student, grad_teacher) like ``fastkd::srd_backward``; grad_teacher is empty (0,)
     unless teacher_grad."""
     _check(student, teacher)
+    check_grad(grad, student)
+    with device_guard(student):
+        return _backward(
+            grad, student, teacher, p, training, total, stats_s, stats_t, sums, teacher_grad
+        )
+
+
+def _backward(grad, student, teacher, p, training, total, stats_s, stats_t, sums, teacher_grad):
     student, teacher = student.contiguous(), teacher.contiguous()
     batch, width = student.shape
-    acc = _acc_dtype(student)
+    acc = loss_dtype(student)
     stats_s, stats_t = stats_s.to(acc).contiguous(), stats_t.to(acc).contiguous()
     sums, total = sums.to(acc).contiguous(), total.to(acc).contiguous()
     grad = grad.to(acc).contiguous()
@@ -446,13 +463,11 @@ def srd_backward(
         grad, total, student, teacher, stats_s, stats_t, sums, grad_s,
         grad_t if teacher_grad else grad_s, batch, width, cfg["rows_per_split"],
         _params(p, 0.0, acc, student.device),
-        ACC=_tl_dtype(acc), P_INT=_integer_power(p), USE_LIBDEVICE=not interpreter_enabled(),
+        ACC=TL_DTYPES[acc], P_INT=_integer_power(p), USE_LIBDEVICE=not interpreter_enabled(),
         TRAINING=training, TEACHER_GRAD=teacher_grad, BLOCK_B=cfg["BLOCK_B"],
         BLOCK_D=cfg["BLOCK_D"],
     )  # fmt: skip
     return grad_s, grad_t
 
 
-srd_backward.register_fake(srd_backward_fake)
-register_srd_autograd(srd_forward, srd_backward)
-register_kernels("srd", "triton", srd_forward, srd_backward)
+srd_ops.register(NAMESPACE, (BACKEND,))

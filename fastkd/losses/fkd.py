@@ -1,4 +1,17 @@
-"""Feature Kernel Distillation (He & Ozay, ICLR 2022; SPEC §1): function, autograd, module."""
+"""Feature Kernel Distillation (He & Ozay, ICLR 2022; SPEC §1): Function, functional, Module.
+
+The recipe every loss of :mod:`fastkd.losses` follows:
+
+1. validate the arguments (:mod:`fastkd.validation`);
+2. resolve the backend (:func:`fastkd.registry.resolve_backend`);
+3. choose the algorithm (:func:`choose_algorithm`: tiled kernel space or dual feature space);
+4. run :func:`fastkd.reference.fkd_loss` for the reference backend, else
+   :class:`FKDDualFunction` (plain GEMMs, any device) or ``FKDFunction.apply(backend, ...)``,
+   which calls the registry's kernels: forward-backward when an input requires grad (the
+   backward pass then only scales the saved gradients), forward otherwise (the backward pass
+   then calls the backward kernel);
+5. :class:`FKDLoss` wraps :func:`fkd_loss` with the same keywords.
+"""
 
 from __future__ import annotations
 
@@ -9,25 +22,37 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastkd import reference
-from fastkd._validate import check_features, check_finite_number, check_teachers
-from fastkd.backends import kernels, resolve_backend
-from fastkd.dual import FKDDualFunction
+from fastkd.losses._common import DUAL_RATIO, prefers_dual, scale_saved
+from fastkd.losses.fkd_dual import FKDDualFunction
+from fastkd.registry import kernels, resolve_backend
+from fastkd.validation import (
+    check_algorithm,
+    check_features,
+    check_finite_number,
+    check_teachers,
+)
 
+OP = "fkd"
 ALGORITHMS = ("auto", "tiled", "dual")
 
-# auto picks the feature-space algorithm when B >= DUAL_RATIO * (Ds + Dt): the tiled kernel
-# costs ~3 B^2 (Ds + Dt) flops, the dual one ~2 B (Ds + Dt)^2 in float64 (2x an fp32 flop on
-# CPUs, more on consumer GPUs), so the break-even sits near B = (Ds + Dt).
-DUAL_RATIO = 2.0
+__all__ = [
+    "ALGORITHMS",
+    "DUAL_RATIO",
+    "FKDDualFunction",
+    "FKDFunction",
+    "FKDLoss",
+    "choose_algorithm",
+    "fkd_loss",
+]
 
 
 def choose_algorithm(algorithm: str, batch: int, student_width: int, teacher_width: int) -> str:
-    """Resolve ``algorithm`` ("auto" | "tiled" | "dual") by the cost model above."""
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    """Resolve ``algorithm`` ("auto" | "tiled" | "dual"): "auto" is "dual" when
+    B >= DUAL_RATIO * (Ds + Dt) (the cost model of :mod:`fastkd.losses._common`)."""
+    check_algorithm(algorithm, ALGORITHMS)
     if algorithm != "auto":
         return algorithm
-    return "dual" if batch >= DUAL_RATIO * (student_width + teacher_width) else "tiled"
+    return "dual" if prefers_dual(batch, student_width + teacher_width) else "tiled"
 
 
 class FKDFunction(torch.autograd.Function):
@@ -44,7 +69,7 @@ class FKDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend: str, kd_weight: float, fr_weight: float, student, *teachers):
-        ops = kernels("fkd", backend)
+        ops = kernels(OP, backend)
         ctx.backend = backend
         ctx.weights = (kd_weight, fr_weight)
         ctx.num_teachers = len(teachers)
@@ -64,11 +89,11 @@ class FKDFunction(torch.autograd.Function):
     def backward(ctx, grad):
         if ctx.fused:
             grad_student, *grad_teachers = ctx.saved_tensors
-            grad_student = grad_student * grad.to(grad_student.dtype)
-            grad_teachers = [g * grad.to(g.dtype) for g in grad_teachers]
+            grad_student = scale_saved(grad_student, grad)
+            grad_teachers = [scale_saved(g, grad) for g in grad_teachers]
         else:
             student, *teachers = ctx.saved_tensors
-            grad_student, grad_teachers = kernels("fkd", ctx.backend).backward(
+            grad_student, grad_teachers = kernels(OP, ctx.backend).backward(
                 grad, student, teachers, *ctx.weights, ctx.teachers_grad
             )
         if not ctx.needs_input_grad[3]:
@@ -98,7 +123,7 @@ def fkd_loss(
             Usually computed under ``torch.no_grad()``; if it requires grad it gets its gradient.
         kd_weight, fr_weight: finite weights of the two terms.
         backend: "auto" | "cpu" | "cuda" | "triton" | "reference"; None reads ``$FASTKD_BACKEND``
-            (default "auto"). See :mod:`fastkd.backends`.
+            (default "auto"). See :mod:`fastkd.registry`.
         algorithm: "tiled" (kernel space, O(B^2 D) time, O(B D) memory), "dual" (feature space,
             O(B D^2) time, O(D^2) memory) or "auto": dual when B >= 2 (Ds + Dt), else tiled.
             Ignored by the reference backend, which forms the kernels explicitly.
@@ -110,7 +135,7 @@ def fkd_loss(
     teachers = check_teachers(teacher, student, min_batch=2)
     kd_weight = check_finite_number(kd_weight, "kd_weight")
     fr_weight = check_finite_number(fr_weight, "fr_weight")
-    name = resolve_backend("fkd", backend, student.device)
+    name = resolve_backend(OP, backend, student.device)
     teacher_width = sum(t.shape[1] for t in teachers)
     algo = choose_algorithm(algorithm, student.shape[0], student.shape[1], teacher_width)
     if name == "reference":
@@ -139,12 +164,12 @@ class FKDLoss(nn.Module):
         super().__init__()
         self.kd_weight = check_finite_number(kd_weight, "kd_weight")
         self.fr_weight = check_finite_number(fr_weight, "fr_weight")
-        if algorithm not in ALGORITHMS:
-            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
         self.backend = backend
-        self.algorithm = algorithm
+        self.algorithm = check_algorithm(algorithm, ALGORITHMS)
 
-    def forward(self, student, teacher):
+    def forward(
+        self, student: torch.Tensor, teacher: torch.Tensor | Sequence[torch.Tensor]
+    ) -> torch.Tensor:
         return fkd_loss(
             student,
             teacher,

@@ -1,6 +1,14 @@
-"""SRD, LogSum of batch-normalised features (Miles & Mikolajczyk, AAAI 2024; SPEC §3).
+"""SRD, LogSum of batch-normalised features (Miles & Mikolajczyk, AAAI 2024; SPEC §3):
+Function, functional, Module.
 
-Function, autograd and module. With s and t the student and teacher features, each
+Recipe (as every loss of :mod:`fastkd.losses`): validate (:mod:`fastkd.validation`) -> resolve
+the backend (:mod:`fastkd.registry`) -> choose the algorithm (one: "fused") ->
+:func:`fastkd.reference.srd_loss` for the reference backend, else
+``SRDFunction.apply(backend, ...)`` on the registry's kernels (forward, then backward: SRD has no
+forward-backward kernel, its backward is one elementwise sweep) -> :class:`SRDLoss`, which adds
+the projector and nn.BatchNorm1d-style running statistics.
+
+With s and t the student and teacher features, each
 batch-normalised on its own statistics (no affine parameters, eps 1e-4), the loss is
 ``log(max(sum |s - t|^p, tiny))`` (p = 4 by default, the paper's choice). The fused kernels
 read the inputs twice in the forward pass (column statistics, then the loss sum plus the column
@@ -15,8 +23,19 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastkd import reference
-from fastkd._validate import FLOAT_DTYPES, check_features, check_finite_number
-from fastkd.backends import kernels, resolve_backend
+from fastkd.registry import kernels, resolve_backend
+from fastkd.validation import (
+    check_algorithm,
+    check_features,
+    check_finite_number,
+    check_momentum,
+    check_srd_args,
+)
+
+OP = "srd"
+ALGORITHMS = ("auto", "fused")
+
+__all__ = ["ALGORITHMS", "SRDFunction", "SRDLoss", "srd_loss"]
 
 # Rows of the (4, D) statistics tensors the kernels return (csrc/include/fastkd/srd_math.h).
 STATS_MEAN, STATS_VAR, STATS_CENTRE, STATS_RSTD = 0, 1, 2, 3
@@ -36,7 +55,7 @@ class SRDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, backend, p, eps, training, student, teacher, rm_s, rv_s, rm_t, rv_t):
-        loss, total, stats_s, stats_t, sums = kernels("srd", backend).forward(
+        loss, total, stats_s, stats_t, sums = kernels(OP, backend).forward(
             student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t
         )
         ctx.backend, ctx.p, ctx.training = backend, p, training
@@ -49,71 +68,12 @@ class SRDFunction(torch.autograd.Function):
     def backward(ctx, grad, _grad_stats_s, _grad_stats_t):
         student, teacher, total, stats_s, stats_t, sums = ctx.saved_tensors
         teacher_grad = bool(ctx.needs_input_grad[5])
-        grad_s, grad_t = kernels("srd", ctx.backend).backward(
+        grad_s, grad_t = kernels(OP, ctx.backend).backward(
             grad, student, teacher, ctx.p, ctx.training, total, stats_s, stats_t, sums, teacher_grad
         )
         grad_s = grad_s if ctx.needs_input_grad[4] else None
         grad_t = grad_t if teacher_grad else None
         return None, None, None, None, grad_s, grad_t, None, None, None, None
-
-
-def _check_buffer(buf: object, name: str, like: torch.Tensor) -> None:
-    if buf is None:
-        return
-    if not isinstance(buf, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(buf).__name__}")
-    if buf.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name} must be a floating tensor, got {buf.dtype}")
-    width = like.shape[1]
-    if tuple(buf.shape) != (width,):
-        raise ValueError(f"{name} must have shape ({width},), got {tuple(buf.shape)}")
-    if buf.device != like.device:
-        raise ValueError(f"{name} is on {buf.device} but the features are on {like.device}")
-
-
-def _check_srd_args(student, teacher, p, eps, training, buffers: dict) -> tuple[float, float]:
-    """SPEC "Bad input" for SRD; returns (p, eps) as floats."""
-    check_features(student, "student")
-    check_features(teacher, "teacher")
-    if teacher.shape != student.shape:
-        raise ValueError(
-            f"teacher has shape {tuple(teacher.shape)} but student has {tuple(student.shape)}: "
-            "SRD compares them element by element (project the student first, as SRDLoss does)"
-        )
-    if teacher.device != student.device:
-        raise ValueError(f"teacher is on {teacher.device} but student is on {student.device}")
-    p = check_finite_number(p, "p")
-    if p < 1:
-        raise ValueError(f"p must be >= 1, got {p}")
-    eps = check_finite_number(eps, "eps")
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
-    if not isinstance(training, bool):
-        raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    if training and student.shape[0] < 2:
-        raise ValueError(
-            "student: expected more than 1 value per channel when training (batch size 1), "
-            "as nn.BatchNorm1d"
-        )
-    for name, buf in buffers.items():
-        _check_buffer(buf, name, student)
-    for side in ("s", "t"):
-        mean, var = buffers[f"running_mean_{side}"], buffers[f"running_var_{side}"]
-        if (mean is None) != (var is None):
-            missing = f"running_var_{side}" if var is None else f"running_mean_{side}"
-            raise ValueError(f"{missing} is None but its pair is given: pass both or neither")
-    if not training:
-        missing = [name for name, buf in buffers.items() if buf is None]
-        if missing:
-            raise ValueError(f"eval mode (training=False) needs the running statistics: {missing}")
-    return p, eps
-
-
-def _check_momentum(momentum: object) -> float:
-    momentum = check_finite_number(momentum, "momentum")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    return momentum
 
 
 @torch.no_grad()
@@ -136,7 +96,7 @@ def _update_running_stats(running_mean, running_var, stats, batch: int, factor) 
 
 def _srd(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t, factor, backend):
     """Validated inputs -> loss; updates the running buffers in training mode."""
-    name = resolve_backend("srd", backend, student.device)
+    name = resolve_backend(OP, backend, student.device)
     if name == "reference":
         if not isinstance(factor, float):  # SRDLoss with momentum=None: a tensor factor
             factor = float(factor)
@@ -170,6 +130,7 @@ def srd_loss(
     momentum: float = 0.1,
     *,
     backend: str | None = None,
+    algorithm: str = "auto",
 ) -> torch.Tensor:
     """SRD loss: LogSum of the difference of batch-normalised features (SPEC §3).
 
@@ -190,6 +151,7 @@ def srd_loss(
             all four are required.
         momentum: weight of the batch statistics in the running update, in [0, 1].
         backend: "auto" | "cpu" | "cuda" | "triton" | "reference"; None reads ``$FASTKD_BACKEND``.
+        algorithm: "auto" or "fused" (the only one; ignored by the reference backend).
 
     Returns:
         0-dim tensor, float32 (float64 if an input is float64).
@@ -200,8 +162,9 @@ def srd_loss(
         "running_mean_t": running_mean_t,
         "running_var_t": running_var_t,
     }
-    p, eps = _check_srd_args(student, teacher, p, eps, training, buffers)
-    momentum = _check_momentum(momentum)
+    p, eps = check_srd_args(student, teacher, p, eps, training, buffers)
+    momentum = check_momentum(momentum)
+    check_algorithm(algorithm, ALGORITHMS)
     return _srd(student, teacher, p, eps, training, *buffers.values(), momentum, backend)
 
 
@@ -223,7 +186,7 @@ class SRDLoss(nn.Module):
         track_running_stats: keep running statistics of both sides (``running_mean_s``,
             ``running_var_s``, ``running_mean_t``, ``running_var_t``, ``num_batches_tracked``)
             and use them in eval mode; if False, batch statistics are used in both modes.
-        backend: as in :func:`srd_loss`.
+        backend, algorithm: as in :func:`srd_loss`.
         device, dtype: of the projector and the buffers.
 
     ``.train()`` / ``.eval()`` behave as in nn.BatchNorm1d(affine=False): training uses and
@@ -241,6 +204,7 @@ class SRDLoss(nn.Module):
         track_running_stats: bool = True,
         backend: str | None = None,
         *,
+        algorithm: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -257,9 +221,10 @@ class SRDLoss(nn.Module):
         self.eps = check_finite_number(eps, "eps")
         if self.eps <= 0:
             raise ValueError(f"eps must be > 0, got {self.eps}")
-        self.momentum = None if momentum is None else _check_momentum(momentum)
+        self.momentum = None if momentum is None else check_momentum(momentum)
         self.track_running_stats = bool(track_running_stats)
         self.backend = backend
+        self.algorithm = check_algorithm(algorithm, ALGORITHMS)
         factory = {"device": device, "dtype": dtype}
         if isinstance(projector, nn.Module):
             self.projector = projector
@@ -296,7 +261,9 @@ class SRDLoss(nn.Module):
             self.running_var_t.fill_(1)
             self.num_batches_tracked.zero_()
 
-    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor):
+    def forward(
+        self, student_features: torch.Tensor, teacher_features: torch.Tensor
+    ) -> torch.Tensor:
         for name, x, width in (
             ("student_features", student_features, self.student_dim),
             ("teacher_features", teacher_features, self.teacher_dim),
@@ -314,7 +281,7 @@ class SRDLoss(nn.Module):
             "running_mean_t": self.running_mean_t,
             "running_var_t": self.running_var_t,
         }
-        p, eps = _check_srd_args(z, teacher_features, self.p, self.eps, use_batch_stats, buffers)
+        p, eps = check_srd_args(z, teacher_features, self.p, self.eps, use_batch_stats, buffers)
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
@@ -328,5 +295,6 @@ class SRDLoss(nn.Module):
         return (
             f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, p={self.p}, "
             f"eps={self.eps}, momentum={self.momentum}, "
-            f"track_running_stats={self.track_running_stats}, backend={self.backend!r}"
+            f"track_running_stats={self.track_running_stats}, backend={self.backend!r}, "
+            f"algorithm={self.algorithm!r}"
         )

@@ -1,0 +1,23 @@
+"""What the loss modules share: the kernel-space / feature-space cost model and gradient
+scaling of the fused autograd Functions."""
+
+from __future__ import annotations
+
+import torch
+
+# A kernel-space algorithm (tiled kernels, or the explicit B x B Grams) costs ~3 B^2 D flops
+# for D = Ds + Dt, the feature-space ("dual") one ~2 B D^2 in float64 (2x an fp32 flop on
+# CPUs, more on consumer GPUs), so the break-even sits near B = D: "auto" picks the dual when
+# B >= DUAL_RATIO * D. FKD and SP use the same rule.
+DUAL_RATIO = 2.0
+
+
+def prefers_dual(batch: int, width: int) -> bool:
+    """Whether "auto" picks the feature-space algorithm for a batch of ``batch`` rows and
+    ``width`` = Ds + Dt feature columns in all."""
+    return batch >= DUAL_RATIO * width
+
+
+def scale_saved(grad_unit: torch.Tensor | None, grad: torch.Tensor) -> torch.Tensor | None:
+    """A gradient saved for a unit upstream gradient, times the actual (0-dim) ``grad``."""
+    return None if grad_unit is None else grad_unit * grad.to(grad_unit.dtype)

@@ -1,0 +1,109 @@
+"""RKD distance loss (Park et al., CVPR 2019; SPEC §2, RepDistiller / torchdistill convention):
+Function, functional, Module.
+
+Recipe (as every loss of :mod:`fastkd.losses`): validate (:mod:`fastkd.validation`) -> resolve
+the backend (:mod:`fastkd.registry`) -> choose the algorithm (one: "tiled") ->
+:func:`fastkd.reference.rkd_distance_loss` for the reference backend, else
+``RKDFunction.apply(backend, student, teacher)`` on the registry's kernels ->
+:class:`RKDDistanceLoss`.
+
+The tiled kernels, ``cpu`` (``csrc/cpu/rkd.cpp``), ``cuda`` (``csrc/cuda/rkd.cu``) and ``triton``
+(``fastkd/triton/rkd.py``), make three sweeps over the distance tiles: O(B D) extra memory
+instead of about a dozen B x B matrices.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from fastkd import reference
+from fastkd.losses._common import scale_saved
+from fastkd.registry import kernels, resolve_backend
+from fastkd.validation import check_algorithm, check_pair
+
+OP = "rkd"
+ALGORITHMS = ("auto", "tiled")
+
+__all__ = ["ALGORITHMS", "RKDDistanceLoss", "RKDFunction", "rkd_distance_loss"]
+
+
+class RKDFunction(torch.autograd.Function):
+    """Autograd Function running the RKD distance kernels of one fused backend.
+
+    ``apply(backend, student, teacher)`` with student (B, Ds) and teacher (B, Dt) contiguous, any
+    floating dtypes; returns the 0-dim loss in float32 (float64 if an input is float64). When an
+    input requires grad and the backend has a forward-backward kernel, the forward pass computes
+    the gradients with the loss (the sweeps that give the loss are the first two of the three the
+    gradient needs) and backward only scales them; otherwise backward calls the backward kernel.
+    """
+
+    @staticmethod
+    def forward(ctx, backend: str, student, teacher):
+        ops = kernels(OP, backend)
+        ctx.backend = backend
+        ctx.teacher_grad = bool(ctx.needs_input_grad[2])
+        ctx.fused = ops.forward_backward is not None and any(ctx.needs_input_grad[1:])
+        if ctx.fused:
+            loss, grad_s, grad_t = ops.forward_backward(student, teacher, ctx.teacher_grad)
+            ctx.save_for_backward(grad_s, grad_t)
+            return loss
+        ctx.save_for_backward(student, teacher)
+        return ops.forward(student, teacher)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        if ctx.fused:
+            grad_s, grad_t = (scale_saved(g, grad) for g in ctx.saved_tensors)
+        else:
+            student, teacher = ctx.saved_tensors
+            grad_s, grad_t = kernels(OP, ctx.backend).backward(
+                grad, student, teacher, ctx.teacher_grad
+            )
+        return (
+            None,
+            grad_s if ctx.needs_input_grad[1] else None,
+            grad_t if ctx.teacher_grad else None,
+        )
+
+
+def rkd_distance_loss(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str | None = None,
+    algorithm: str = "auto",
+) -> torch.Tensor:
+    """RKD distance loss. student (B, ...), teacher (B, ...) (flattened to (B, D)), B >= 2.
+
+    ``d_ij = sqrt(clamp_min(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12))``, ``d_ii = 0``, each side
+    divided by its mean off-diagonal distance; ``loss = mean_ij smooth_l1(d_S, d_T)`` with
+    beta = 1 (0-dim, float32, or float64 if an input is float64; float16/bfloat16 inputs
+    accumulate in float32). The teacher gets its gradient if it requires grad. ``backend``:
+    "auto" | "cpu" | "cuda" | "triton" | "reference" (see :mod:`fastkd.registry`); the kernels
+    need O(B D) extra memory, the reference about a dozen B x B matrices at its peak.
+    ``algorithm``: "auto" or "tiled" (the only one; ignored by the reference backend).
+    """
+    flat_s, flat_t = check_pair(student, teacher)
+    name = resolve_backend(OP, backend, flat_s.device)
+    check_algorithm(algorithm, ALGORITHMS)
+    if name == "reference":
+        return reference.rkd_distance_loss(flat_s, flat_t)
+    return RKDFunction.apply(name, flat_s.contiguous(), flat_t.contiguous())
+
+
+class RKDDistanceLoss(nn.Module):
+    """Module form of :func:`rkd_distance_loss`: ``RKDDistanceLoss()(student, teacher)``."""
+
+    def __init__(self, *, backend: str | None = None, algorithm: str = "auto"):
+        super().__init__()
+        self.backend = backend
+        self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return rkd_distance_loss(student, teacher, backend=self.backend, algorithm=self.algorithm)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, algorithm={self.algorithm!r}"
