@@ -12,6 +12,7 @@ Groups:
             :func:`check_teachers`, :func:`check_same_batch_and_device`, :func:`check_pair`
   SRD       :func:`check_buffer`, :func:`check_srd_args`
   choices   :func:`check_algorithm`
+  selfdist. :func:`check_kernel_inputs`, :func:`check_alphas`
   Triton    :func:`interpreter_enabled`, :func:`check_triton_device`,
             :func:`check_triton_inputs`, :func:`check_grad`
 """
@@ -268,3 +269,36 @@ def check_grad(grad: object, like: torch.Tensor, like_name: str = "student") -> 
     if grad.device != like.device:
         raise ValueError(f"grad is on {grad.device} but {like_name} is on {like.device}")
     return grad
+
+
+# ------------------------------------------------------------------------- self-distillation
+
+
+def check_kernel_inputs(x1: object, x2: object) -> None:
+    """Two floating sample matrices (N1, F) and (N2, F) on one device (kernel functions)."""
+    for name, x in (("x1", x1), ("x2", x2)):
+        check_tensor(x, name)
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (samples, features), got shape {tuple(x.shape)}")
+    if x1.shape[1] != x2.shape[1]:
+        raise ValueError(f"x1 has {x1.shape[1]} features but x2 has {x2.shape[1]}")
+    if x1.device != x2.device:
+        raise ValueError(f"x1 is on {x1.device} but x2 is on {x2.device}")
+
+
+def check_alphas(alphas: object) -> list[float]:
+    """``alphas`` = (alpha^(2), ..., alpha^(tau)) as a list of floats; None or empty: step 1."""
+    if alphas is None:
+        return []
+    if not isinstance(alphas, torch.Tensor) and hasattr(alphas, "__array__"):
+        alphas = torch.as_tensor(alphas)  # NumPy arrays and scalars
+    if isinstance(alphas, torch.Tensor):
+        if alphas.dim() > 1:
+            raise ValueError(f"alphas must be a 1-D sequence, got shape {tuple(alphas.shape)}")
+        alphas = alphas.reshape(-1).tolist()
+    elif isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+        raise TypeError(
+            f"alphas must be a sequence of numbers (alpha^(2), ..., alpha^(tau)), "
+            f"got {type(alphas).__name__}"
+        )
+    return [check_real(a, f"alphas[{i}]") for i, a in enumerate(alphas)]

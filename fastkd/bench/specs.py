@@ -16,7 +16,7 @@ import torch
 
 import fastkd
 from fastkd import reference
-from fastkd.fkd import choose_algorithm
+from fastkd.losses.fkd import choose_algorithm
 
 DTYPES = {
     "fp32": torch.float32,
@@ -405,7 +405,7 @@ def fused_backends(op: str, device: torch.device | str) -> list[str]:
         if not info.get("available") or op not in info.get("ops", ()):
             continue
         if name == "triton":
-            from fastkd.triton import interpreter_enabled
+            from fastkd.validation import interpreter_enabled
 
             if interpreter_enabled():
                 continue

@@ -15,7 +15,7 @@ import fastkd
 from fastkd.demo.data import Digits
 from fastkd.demo.models import MLP, STUDENT_WIDTHS
 from fastkd.demo.train import FR_WEIGHT, Teachers
-from fastkd.fkd import choose_algorithm
+from fastkd.losses.fkd import choose_algorithm
 
 
 def timing_clock() -> tuple[Callable[[], float], str]:

@@ -30,8 +30,8 @@ quadratic (its curvature is ``alpha + (1 - alpha) = 1``). The paper's guarantees
 Theorem 4.3) assume ``alpha_t`` in [0, 1]; the limit (Theorem 4.5) requires ``alpha`` in (0, 1].
 
 Layout: :mod:`.kernels` (Gram matrices), :mod:`.krr` (the KRR distiller and
-:func:`estimate_alpha`), :mod:`.loss` (the network loss), :mod:`._checks` (argument
-validation). The package imports only torch and the standard library, so it works on its own.
+:func:`estimate_alpha`), :mod:`.loss` (the network loss); argument checks come from
+:mod:`fastkd.validation`, like every other loss's.
 """
 
 from fastkd.selfdistill.kernels import linear_kernel, rbf_kernel

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from fastkd.selfdistill._checks import _check_pair, _check_real
+from fastkd.validation import check_kernel_inputs, check_real
 
 KernelArg = str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -31,14 +31,14 @@ def rbf_kernel(x1: torch.Tensor, x2: torch.Tensor, gamma: float) -> torch.Tensor
     Returns:
         (m, n) tensor, same dtype/device as ``x1``.
     """
-    gamma = _check_real(gamma, "gamma")
+    gamma = check_real(gamma, "gamma")
     if gamma <= 0:
         raise ValueError(f"gamma must be > 0, got {gamma}")
-    _check_pair(x1, x2)
+    check_kernel_inputs(x1, x2)
     return torch.exp(-gamma * _sq_dists(x1, x2))
 
 
 def linear_kernel(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     """Linear Gram matrix ``k(x, x') = <x, x'>``: (m, d), (n, d) -> (m, n)."""
-    _check_pair(x1, x2)
+    check_kernel_inputs(x1, x2)
     return x1 @ x2.T

@@ -12,13 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
-from fastkd.selfdistill._checks import (
-    _check_alphas,
-    _check_finite_tensor,
-    _check_real,
-    _check_tensor,
-)
 from fastkd.selfdistill.kernels import KernelArg, linear_kernel, rbf_kernel
+from fastkd.validation import check_alphas, check_finite_tensor, check_real, check_tensor
 
 
 class KernelRidgeSelfDistiller:
@@ -61,10 +56,10 @@ class KernelRidgeSelfDistiller:
         if gamma is not None:
             if kernel != "rbf":
                 raise ValueError("gamma only applies to kernel='rbf'")
-            gamma = _check_real(gamma, "gamma")
+            gamma = check_real(gamma, "gamma")
             if gamma <= 0:
                 raise ValueError(f"gamma must be > 0, got {gamma}")
-        lam = _check_real(lam, "lam")
+        lam = check_real(lam, "lam")
         if lam <= 0:
             raise ValueError(f"lam must be > 0, got {lam}")
         if dtype not in (torch.float32, torch.float64):
@@ -88,12 +83,12 @@ class KernelRidgeSelfDistiller:
         Returns:
             ``self``.
         """
-        _check_tensor(X, "X")
+        check_tensor(X, "X")
         if X.dim() != 2:
             raise ValueError(f"X must be 2-D (n, d), got shape {tuple(X.shape)}")
         if X.shape[0] == 0 or X.shape[1] == 0:
             raise ValueError(f"X must not be empty, got shape {tuple(X.shape)}")
-        _check_tensor(y, "y")
+        check_tensor(y, "y")
         if y.dim() not in (1, 2):
             raise ValueError(f"y must be 1-D (n,) or 2-D (n, p), got shape {tuple(y.shape)}")
         if y.shape[0] != X.shape[0]:
@@ -103,8 +98,8 @@ class KernelRidgeSelfDistiller:
         device = self.device if self.device is not None else X.device
         X = X.to(device=device, dtype=self.dtype)
         y = y.to(device=device, dtype=self.dtype)
-        _check_finite_tensor(X, "X")
-        _check_finite_tensor(y, "y")
+        check_finite_tensor(X, "X")
+        check_finite_tensor(y, "y")
         n = X.shape[0]
 
         if self.kernel == "precomputed":
@@ -163,7 +158,7 @@ class KernelRidgeSelfDistiller:
                 f"{what} must return shape {(X1.shape[0], X2.shape[0])}, got {tuple(G.shape)}"
             )
         G = G.to(device=self._device_or(X1), dtype=self.dtype)
-        _check_finite_tensor(G, what)
+        check_finite_tensor(G, what)
         return G
 
     def _device_or(self, x: torch.Tensor) -> torch.device:
@@ -171,13 +166,13 @@ class KernelRidgeSelfDistiller:
 
     def _cross_gram(self, X_new: object, name: str) -> torch.Tensor:
         """kappa(X_new, X): (m, n)."""
-        _check_tensor(X_new, name)
+        check_tensor(X_new, name)
         if X_new.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(X_new.shape)}")
         if X_new.shape[0] == 0:
             raise ValueError(f"{name} must not be empty, got shape {tuple(X_new.shape)}")
         X_new = X_new.to(device=self._device, dtype=self.dtype)
-        _check_finite_tensor(X_new, name)
+        check_finite_tensor(X_new, name)
         if self.kernel == "precomputed":
             if X_new.shape[1] != self._n:
                 raise ValueError(
@@ -241,7 +236,7 @@ class KernelRidgeSelfDistiller:
             (n,) tensor, or (tau, n) when ``all_steps``.
         """
         self._require_fit()
-        bs = self._b_steps(_check_alphas(alphas))
+        bs = self._b_steps(check_alphas(alphas))
         return torch.stack(bs) if all_steps else bs[-1]
 
     def train_predictions(
@@ -258,7 +253,7 @@ class KernelRidgeSelfDistiller:
             ``all_steps``), in the distiller's dtype/device.
         """
         self._require_fit()
-        bs = self._b_steps(_check_alphas(alphas))
+        bs = self._b_steps(check_alphas(alphas))
         if not all_steps:
             bs = bs[-1:]
         preds = torch.stack([self._V @ (b[:, None] * self._Vty) for b in bs])
@@ -270,7 +265,7 @@ class KernelRidgeSelfDistiller:
         ``f_tau(x) = kappa(x, X)^T beta^(tau)``.
         """
         self._require_fit()
-        c = self._c_steps(_check_alphas(alphas))[-1]
+        c = self._c_steps(check_alphas(alphas))[-1]
         return self._shape_out(self._V @ ((c / (self._d + self.lam))[:, None] * self._Vty))
 
     def predict(
@@ -291,7 +286,7 @@ class KernelRidgeSelfDistiller:
             (m,) or (m, p) like the training ``y`` (leading ``tau`` axis if ``all_steps``).
         """
         self._require_fit()
-        cs = self._c_steps(_check_alphas(alphas))
+        cs = self._c_steps(check_alphas(alphas))
         KV = self._cross_gram(X_new, "X_new") @ self._V  # (m, n)
         if not all_steps:
             cs = cs[-1:]
@@ -299,7 +294,7 @@ class KernelRidgeSelfDistiller:
         return self._shape_out(preds if all_steps else preds[0])
 
     def _check_limit_alpha(self, alpha: object) -> float:
-        alpha = _check_real(alpha, "alpha")
+        alpha = check_real(alpha, "alpha")
         if not 0.0 < alpha <= 1.0:
             raise ValueError(
                 f"alpha must be in (0, 1] for the infinite-step limit, got {alpha} "
@@ -360,7 +355,7 @@ class KernelRidgeSelfDistiller:
         if tau < 1:
             raise ValueError(f"tau must be >= 1, got {tau}")
         KV = self._cross_gram(X_val, "X_val") @ self._V
-        _check_tensor(y_val, "y_val")
+        check_tensor(y_val, "y_val")
         want = (KV.shape[0],) if self._y_is_1d else (KV.shape[0], self._p)
         if tuple(y_val.shape) != want:
             raise ValueError(
@@ -368,7 +363,7 @@ class KernelRidgeSelfDistiller:
                 f"got {tuple(y_val.shape)}"
             )
         y_val = y_val.to(device=self._device, dtype=self.dtype).reshape(KV.shape[0], -1)
-        _check_finite_tensor(y_val, "y_val")
+        check_finite_tensor(y_val, "y_val")
         inv = 1.0 / (self._d + self.lam)
         y1 = KV @ (inv[:, None] * self._Vty)  # alpha_t = 1: the step-1 fit, for every t
         b = self._a
@@ -412,7 +407,7 @@ def estimate_alpha(
     names = ("val_targets", "val_pred_alpha1", "val_pred_alpha0")
     ts = [val_targets, val_pred_alpha1, val_pred_alpha0]
     for name, t in zip(names, ts, strict=True):
-        _check_tensor(t, name)
+        check_tensor(t, name)
         if t.dim() == 0 or t.numel() == 0:
             raise ValueError(f"{name} must be a non-empty tensor with a batch axis")
         if t.shape != ts[0].shape:
@@ -423,7 +418,7 @@ def estimate_alpha(
             raise ValueError(f"{name} is on {t.device} but val_targets is on {ts[0].device}")
     y, y1, y0 = (t.detach().to(torch.float64) for t in ts)
     for name, t in zip(names, (y, y1, y0), strict=True):
-        _check_finite_tensor(t, name)
+        check_finite_tensor(t, name)
     u = y1 - y0
     uu = float(u.square().sum())
     scale = max(float(y1.norm()), float(y0.norm()))

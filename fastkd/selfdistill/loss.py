@@ -8,7 +8,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastkd.selfdistill._checks import _REDUCTIONS, _check_real, _check_tensor
+from fastkd.validation import check_real, check_tensor
+
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def self_distillation_loss(
@@ -43,13 +45,13 @@ def self_distillation_loss(
     Returns:
         0-dim tensor (or (n,) for ``"none"``) in float32, or float64 if any input is float64.
     """
-    alpha = _check_real(alpha, "alpha")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    alpha = check_real(alpha, "alpha")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     names = ("outputs", "targets", "teacher_outputs")
     ts = (outputs, targets, teacher_outputs)
     for name, t in zip(names, ts, strict=True):
-        _check_tensor(t, name)
+        check_tensor(t, name)
         if t.dim() == 0:
             raise ValueError(f"{name} must have a batch axis, got a 0-dim tensor")
         if t.numel() == 0:
@@ -86,9 +88,9 @@ class SelfDistillationLoss(nn.Module):
 
     def __init__(self, alpha: float, reduction: str = "mean") -> None:
         super().__init__()
-        self.alpha = _check_real(alpha, "alpha")
-        if reduction not in _REDUCTIONS:
-            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        self.alpha = check_real(alpha, "alpha")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
         self.reduction = reduction
 
     def forward(
