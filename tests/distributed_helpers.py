@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from fastkd import SRDLoss, reference
+from fastkd import SRDLoss, available_backends, reference
 from fastkd import distributed as fd
 
 F64 = torch.float64
@@ -212,6 +212,38 @@ def scenarios(ctx: Ctx):
     out.append(("srd-ddp-module", lambda: check_srd_module(ctx, momentum=0.1)))
     out.append(("srd-ddp-module-cumulative", lambda: check_srd_module(ctx, momentum=None)))
     out.append(("gather-with-grad", lambda: check_autograd_collectives(ctx)))
+    if ctx.world == 2 and available_backends()["triton"]["available"]:
+        # The gather path runs any fused backend on the global batch; Triton's interpreter
+        # (TRITON_INTERPRET=1, set by conftest) costs seconds to start, so W = 2 only.
+        out.append(
+            (
+                "fkd-tiled-triton",
+                lambda: check_function(
+                    ctx,
+                    "fkd-triton",
+                    lambda s, t: fd.global_fkd_loss(
+                        s, t, 0.7, 0.3, algorithm="tiled", backend="triton"
+                    ),
+                    lambda s, t: reference.fkd_loss(s, t, 0.7, 0.3),
+                    (ds, *ens),
+                    torch.float32,
+                    True,
+                ),
+            )
+        )
+        out.append(
+            (
+                "rkd-triton",
+                lambda: check_function(
+                    ctx,
+                    "rkd-triton",
+                    lambda s, t: fd.global_rkd_distance_loss(s, t, backend="triton"),
+                    reference.rkd_distance_loss,
+                    (ds, dt),
+                    torch.float32,
+                ),
+            )
+        )
     out.append(("explain", lambda: check_explain(ctx)))
     out.append(("errors", lambda: check_errors(ctx)))
     return out
