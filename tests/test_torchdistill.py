@@ -18,12 +18,13 @@ from torch import nn
 pytest.importorskip("torchdistill")
 pytest.importorskip("torchvision")
 
-import fastkd  # noqa: E402
-from fastkd import reference  # noqa: E402
-from fastkd.integrations import torchdistill as ft  # noqa: E402
 from torchdistill.losses import mid_level as tdm  # noqa: E402
 from torchdistill.losses.registry import MIDDLE_LEVEL_LOSS_DICT  # noqa: E402
 from torchdistill.models.registry import AUXILIARY_MODEL_WRAPPER_DICT  # noqa: E402
+
+import fastkd  # noqa: E402
+from fastkd import reference  # noqa: E402
+from fastkd.integrations import torchdistill as ft  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "examples" / "torchdistill"
@@ -284,7 +285,7 @@ def test_srd_matches_torchdistill_given_the_same_batch_norm(backend, exponent, s
                         {"norm_layer": {"input": zt}, ".": {"output": t_logits}})  # fmt: skip
         g_ours = torch.autograd.grad(ours, (zs, s_logits))
         assert_close(ours, theirs)
-        for a, b in zip(g_ours, g_theirs):
+        for a, b in zip(g_ours, g_theirs, strict=True):
             assert_close(a, b, grad_scale(b))
     srd = ours_mod.srd
     for mine, theirs_buf in (

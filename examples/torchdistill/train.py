@@ -1,6 +1,6 @@
 """Train a student with one of this folder's torchdistill configs (fastkd losses by key).
 
-    python examples/torchdistill/train.py --config examples/torchdistill/fkd_resnet18_from_resnet34.yaml
+    cd examples/torchdistill && python train.py --config fkd_resnet18_from_resnet34.yaml --steps 20
 
 Loads the YAML with torchdistill's own loader, imports the config's ``dependencies`` (which
 registers fastkd's losses), builds the torchvision models and torchdistill's
