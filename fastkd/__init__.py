@@ -24,7 +24,7 @@ from fastkd.selfdistill import (
 )
 from fastkd.srd import SRDFunction, SRDLoss, srd_loss
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
 
 __all__ = [
     "BackendUnavailableError",
