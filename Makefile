@@ -11,10 +11,11 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f) setup.py
 
-.PHONY: all demo test test-gpu bench lint format build clean
+.PHONY: all demo test check-wheel test-gpu bench lint format build clean
 
 all: test
 
+# The editable install compiles the extension in place (fastkd/_C*.so).
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
@@ -22,8 +23,11 @@ $(VENV)/.deps: pyproject.toml
 	$(PY) -m pip install -q --no-build-isolation -e ".[dev,demo]"
 	touch $@
 
+# Recompile only when a source changed after that install (or the .so was cleaned): right
+# after a fresh install a second compile would redo minutes of identical work.
 $(VENV)/.built: $(VENV)/.deps $(CSRC)
-	$(PY) setup.py -q build_ext --inplace
+	if [ -n "$$(find $(CSRC) -newer $(VENV)/.deps)" ] || ! ls fastkd/_C*.so >/dev/null 2>&1; \
+	then $(PY) setup.py -q build_ext --inplace; fi
 	touch $@
 
 build: $(VENV)/.built
@@ -32,9 +36,16 @@ demo: build
 	$(VENV)/bin/fastkd demo
 
 # The benchmark suite runs once untimed (--benchmark-disable) beside the tests so it never rots.
+# Last, the install path of a user without a checkout: sdist -> CPU-only wheel -> import in a
+# throwaway virtualenv (tools/check_wheel.sh, a few minutes).
 test: build
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -ra tests benchmarks --benchmark-disable
+	tools/check_wheel.sh $(PY)
+
+check-wheel: build
+	tools/check_wheel.sh $(PY)
 
 # The GPU suite, for a machine with a CUDA device (one call: set-up, CUDA build, GPU tests).
 # Triton must run compiled there, not in the interpreter the CPU suite uses.

@@ -38,7 +38,7 @@ from fastkd.selfdistill import (
 
 _compat.install()
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place it is written: pyproject.toml reads it
 
 __all__ = [
     "BackendUnavailableError",

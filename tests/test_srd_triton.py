@@ -1,5 +1,6 @@
 """SRD Triton kernels against the float64 reference, in Triton's CPU interpreter (small shapes,
-float32/float16/float64; the interpreter has no bfloat16 math) or on a GPU when there is one."""
+float32/float16/float64; the interpreter has no bfloat16 math) on CPU tensors, or on the GPU with
+TRITON_INTERPRET=0 (``make test-gpu``)."""
 
 import os
 
@@ -24,9 +25,10 @@ from srd_helpers import (  # noqa: E402
 import fastkd  # noqa: E402
 
 triton_srd = pytest.importorskip("fastkd.triton.srd")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu" and not triton_srd.interpreter_enabled():
-    pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+# CPU tensors in the interpreter whatever the host has, the GPU only with TRITON_INTERPRET=0.
+from triton_helpers import DEVICE, runs_here  # noqa: E402
+
+pytestmark = runs_here
 
 # Several column blocks and row splits on small shapes: exercises every merge path.
 SMALL_TILES = {"BLOCK_B": 4, "BLOCK_D": 4, "rows_per_split": 8}
