@@ -6,6 +6,8 @@ PY := $(VENV)/bin/python
 # The CUDA 13 build of torch from the registry: its CUDA major matches nvcc 13 so the CUDA
 # kernels compile (torch's extension builder refuses a major-version mismatch).
 TORCH_SPEC ?= torch==2.14.1
+# The torchvision release built against that torch (the torchdistill extra needs one).
+TORCHVISION_SPEC ?= torchvision==0.29.1
 export CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(firstword $(wildcard /usr/local/cuda/bin/nvcc)))
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
@@ -19,8 +21,8 @@ all: test
 $(VENV)/.deps: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[dev,demo]"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" "$(TORCHVISION_SPEC)"
+	$(PY) -m pip install -q --no-build-isolation -e ".[dev,demo,torchdistill]"
 	touch $@
 
 # Recompile only when a source changed after that install (or the .so was cleaned): right
