@@ -1,4 +1,4 @@
-"""Distillation under DistributedDataParallel with global-batch FKD + SRD (fastkd.distributed).
+"""Distillation under DistributedDataParallel with global-batch FKD + SRD (``global_batch=True``).
 
     torchrun --nproc_per_node=2 examples/ddp_distill.py            # gloo on CPU
     torchrun --nproc_per_node=4 examples/ddp_distill.py --epochs 40
@@ -9,8 +9,9 @@ Every rank trains the same teacher MLP (same seed, full training set: cheap, and
 without communication), then the student MLP trains under DDP on its share of each global batch
 with ``cross-entropy + fkd_weight * FKD + srd_weight * SRD``. The FKD and SRD terms are over the
 GLOBAL batch (all ranks' rows; the last batch is split unevenly), so the run computes the same
-losses as one process with batch ``W x --batch-size``: ``fastkd.distributed.global_fkd_loss`` (the
-``auto`` plan is printed once) and ``GlobalSRDLoss`` (running statistics synchronised like
+losses as one process with batch ``W x --batch-size``: ``fastkd.FKDLoss(global_batch=True)`` (the
+``auto`` plan of :func:`fastkd.distributed.explain_global_fkd` is printed once) and
+``fastkd.SRDLoss(..., global_batch=True)`` (running statistics synchronised like
 nn.SyncBatchNorm). Rank 0 prints the test accuracy of the teacher and of the student.
 """
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fastkd
 from fastkd import distributed as fd
 
 
@@ -52,7 +54,7 @@ class Student(nn.Module):
     def __init__(self, width: int, teacher_width: int):
         super().__init__()
         self.net = MLP(width)
-        self.srd = fd.GlobalSRDLoss(width, teacher_width)
+        self.srd = fastkd.SRDLoss(width, teacher_width, global_batch=True)
 
     def forward(self, x, teacher_features=None):
         features, logits = self.net(x)
@@ -116,6 +118,7 @@ def main() -> None:
     student = DDP(Student(32, 256).to(device))
     opt = torch.optim.Adam(student.parameters(), lr=3e-3)
     planned = False
+    fkd_loss = fastkd.FKDLoss(global_batch=True)  # a collective: every rank calls it
     for epoch in range(args.epochs):
         # One global permutation (same seed on every rank), cut into global batches of
         # W x batch-size rows; rank r takes the r-th of W near-equal chunks, so the last global
@@ -134,7 +137,7 @@ def main() -> None:
                 if rank == 0:
                     print(f"global FKD plan: {plan.algorithm} ({plan.reason})")
                 planned = True
-            fkd = fd.global_fkd_loss(features, t_features)
+            fkd = fkd_loss(features, t_features)
             loss = F.cross_entropy(logits, ytr[idx]) + args.fkd_weight * fkd
             loss = loss + args.srd_weight * srd
             opt.zero_grad()

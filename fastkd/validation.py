@@ -11,7 +11,7 @@ Groups:
   tensors   :func:`check_tensor`, :func:`check_finite_tensor`, :func:`check_features`,
             :func:`check_teachers`, :func:`check_same_batch_and_device`, :func:`check_pair`
   SRD       :func:`check_buffer`, :func:`check_srd_args`
-  choices   :func:`check_algorithm`
+  choices   :func:`check_algorithm`, :func:`check_bool`
   selfdist. :func:`check_kernel_inputs`, :func:`check_alphas`
   Triton    :func:`interpreter_enabled`, :func:`check_triton_device`,
             :func:`check_triton_inputs`, :func:`check_grad`
@@ -227,6 +227,14 @@ def check_algorithm(algorithm: object, choices: Sequence[str]) -> str:
     if algorithm not in choices:
         raise ValueError(f"algorithm must be one of {tuple(choices)}, got {algorithm!r}")
     return algorithm
+
+
+def check_bool(value: object, name: str) -> bool:
+    """A Python bool (a flag such as ``training`` or ``global_batch``; 0/1 ints are refused so
+    that a misplaced positional argument is caught)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
 
 
 # ------------------------------------------------------------------------------------- Triton

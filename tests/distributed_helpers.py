@@ -2,7 +2,9 @@
 spawned gloo group (process start-up costs seconds). Each rank builds the same global data from
 a per-scenario seed, runs the global loss on its own rows and compares with the float64
 reference (fastkd.reference) on the concatenated batch, computed by autograd in this process.
-Failures are collected per scenario and sent back to the parent through a queue."""
+Most scenarios go through the public losses with ``global_batch=True`` (functional and
+Module); the rest call :mod:`fastkd.distributed` directly. Failures are collected per scenario
+and sent back to the parent through a queue."""
 
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import fastkd
 from fastkd import SRDLoss, available_backends, reference
 from fastkd import distributed as fd
 
@@ -136,7 +139,13 @@ def scenarios(ctx: Ctx):
                 widths = (ds, *ens) if ensemble else (ds, dt)
 
                 def fkd(s, t, algo=algo):
-                    return fd.global_fkd_loss(s, t, 0.7, 0.3, algorithm=algo, backend="cpu")
+                    return fastkd.fkd_loss(
+                        s, t, 0.7, 0.3, algorithm=algo, backend="cpu", global_batch=True
+                    )
+
+                fkd_module = fastkd.FKDLoss(
+                    0.7, 0.3, algorithm=algo, backend="cpu", global_batch=True
+                )
 
                 def fkd_ref(s, t):
                     return reference.fkd_loss(s, t, 0.7, 0.3)
@@ -154,7 +163,7 @@ def scenarios(ctx: Ctx):
                     out.append(
                         (
                             name + "-ddp",
-                            lambda n=name, f=fkd, w=widths, e=ensemble: check_ddp(
+                            lambda n=name, f=fkd_module, w=widths, e=ensemble: check_ddp(
                                 ctx, n, f, fkd_ref, 4, w, e
                             ),
                         )
@@ -163,7 +172,7 @@ def scenarios(ctx: Ctx):
             (
                 f"sp-{tag}",
                 lambda d=dtype, t=tag: check_function(
-                    ctx, f"sp-{t}", fd.global_sp_loss, reference.sp_loss, (ds, dt), d
+                    ctx, f"sp-{t}", sp_global, reference.sp_loss, (ds, dt), d
                 ),
             )
         )
@@ -175,7 +184,7 @@ def scenarios(ctx: Ctx):
                 ),
             )
         )
-        out.append((f"srd-{tag}", lambda d=dtype: check_srd_function(ctx, d)))
+        out.append((f"srd-{tag}", lambda d=dtype: check_srd_function(ctx, d, public=d == F64)))
     out.append(
         (
             "fkd-tiled-reference-backend",
@@ -200,17 +209,28 @@ def scenarios(ctx: Ctx):
     out.append(
         (
             "sp-ddp",
-            lambda: check_ddp(ctx, "sp-ddp", fd.global_sp_loss, reference.sp_loss, 4, (ds, dt)),
+            lambda: check_ddp(
+                ctx, "sp-ddp", fastkd.SPLoss(global_batch=True), reference.sp_loss, 4, (ds, dt)
+            ),
         )
     )
     out.append(
         (
             "rkd-ddp",
-            lambda: check_ddp(ctx, "rkd-ddp", rkd_cpu, reference.rkd_distance_loss, 4, (ds, dt)),
+            lambda: check_ddp(
+                ctx,
+                "rkd-ddp",
+                fastkd.RKDDistanceLoss(backend="cpu", global_batch=True),
+                reference.rkd_distance_loss,
+                4,
+                (ds, dt),
+            ),
         )
     )
-    out.append(("srd-ddp-module", lambda: check_srd_module(ctx, momentum=0.1)))
-    out.append(("srd-ddp-module-cumulative", lambda: check_srd_module(ctx, momentum=None)))
+    out.append(("srd-ddp-module", lambda: check_srd_module(ctx, momentum=0.1, public=True)))
+    out.append(
+        ("srd-ddp-module-cumulative", lambda: check_srd_module(ctx, momentum=None, public=False))
+    )
     out.append(("gather-with-grad", lambda: check_autograd_collectives(ctx)))
     if ctx.world == 2 and available_backends()["triton"]["available"]:
         # The gather path runs any fused backend on the global batch; Triton's interpreter
@@ -237,24 +257,41 @@ def scenarios(ctx: Ctx):
                 lambda: check_function(
                     ctx,
                     "rkd-triton",
-                    lambda s, t: fd.global_rkd_distance_loss(s, t, backend="triton"),
+                    lambda s, t: fastkd.rkd_distance_loss(
+                        s, t, backend="triton", global_batch=True
+                    ),
                     reference.rkd_distance_loss,
                     (ds, dt),
                     torch.float32,
                 ),
             )
         )
+    if ctx.world == 2:
+        out.append(("compile", lambda: check_compile(ctx)))
+    if ctx.world >= 3:
+        out.append(("subgroup", lambda: check_subgroup(ctx)))
     out.append(("explain", lambda: check_explain(ctx)))
     out.append(("errors", lambda: check_errors(ctx)))
     return out
 
 
 def rkd_cpu(s, t):
-    return fd.global_rkd_distance_loss(s, t, backend="cpu")
+    return fastkd.rkd_distance_loss(s, t, backend="cpu", global_batch=True)
 
 
-def check_srd_function(ctx: Ctx, dtype):
+def sp_global(s, t):
+    return fastkd.sp_loss(s, t, global_batch=True)
+
+
+def srd_public(*args, **kwargs):
+    return fastkd.srd_loss(*args, **kwargs, global_batch=True)
+
+
+def check_srd_function(ctx: Ctx, dtype, public: bool):
+    """global SRD (fastkd.srd_loss(global_batch=True) if ``public``, else the package's
+    function) in training and eval mode, with running buffers, against the reference."""
     name = f"srd-{dtype}"
+    global_srd = srd_public if public else fd.global_srd_loss
     gen = ctx.generator(name)
     width = 7
     zs = (ctx.features(gen, width) + 3.0).to(dtype)  # a mean far from 0 tests the statistics
@@ -267,7 +304,7 @@ def check_srd_function(ctx: Ctx, dtype):
 
     s = zs[ctx.rows].clone().requires_grad_()
     t = zt[ctx.rows].clone().requires_grad_()
-    loss = run(fd.global_srd_loss, s, t, True, bufs)
+    loss = run(global_srd, s, t, True, bufs)
     loss.backward()
     rs, rt = zs.to(F64).requires_grad_(), zt.to(F64).requires_grad_()
     ref = run(reference.srd_loss, rs, rt, True, ref_bufs)
@@ -283,7 +320,7 @@ def check_srd_function(ctx: Ctx, dtype):
         assert_same_on_all_ranks(b.sum(), f"{name} running buffer {i}")
     # eval mode: the running statistics, S over the global batch
     s.grad = None
-    loss = run(fd.global_srd_loss, s, t.detach(), False, bufs)
+    loss = run(global_srd, s, t.detach(), False, bufs)
     loss.backward()
     rs.grad = None
     ref = run(reference.srd_loss, rs, rt.detach(), False, ref_bufs)
@@ -303,13 +340,18 @@ class SRDStudent(nn.Module):
         return self.srd(self.backbone(x), teacher)
 
 
-def check_srd_module(ctx: Ctx, momentum):
-    """GlobalSRDLoss with a projector inside a DDP-wrapped student: parameter gradients, the
-    running statistics after two steps and the eval-mode loss equal one process's SRDLoss."""
+def check_srd_module(ctx: Ctx, momentum, public: bool):
+    """SRDLoss(global_batch=True) (or its alias GlobalSRDLoss) with a projector inside a
+    DDP-wrapped student: parameter gradients, the running statistics after two steps and the
+    eval-mode loss equal one process's SRDLoss on the concatenated batch."""
     name = f"srd-module-{momentum}"
     gen = ctx.generator(name)
     torch.manual_seed(3)
-    local = SRDStudent(fd.GlobalSRDLoss(6, 5, momentum=momentum, dtype=F64))
+    if public:
+        loss_module = SRDLoss(6, 5, momentum=momentum, global_batch=True, dtype=F64)
+    else:
+        loss_module = fd.GlobalSRDLoss(6, 5, momentum=momentum, dtype=F64)
+    local = SRDStudent(loss_module)
     single = SRDStudent(SRDLoss(6, 5, momentum=momentum, dtype=F64))
     single.load_state_dict(local.state_dict())
     ddp = DDP(local)
@@ -330,6 +372,58 @@ def check_srd_module(ctx: Ctx, momentum):
     x, t = ctx.features(gen, 4), ctx.features(gen, 5)
     with torch.no_grad():
         assert_close(local(x[ctx.rows], t[ctx.rows]), single(x, t), 1e-12, f"{name} eval")
+
+
+def check_compile(ctx: Ctx):
+    """torch.compile of a DDP training step whose loss is FKDLoss(global_batch=True) + SRD: the
+    global losses run eagerly (a graph break at each), the values and parameter gradients equal
+    the eager step's. fullgraph=True raises the documented error."""
+    gen = ctx.generator("compile")
+    x, t = ctx.features(gen, 4), ctx.features(gen, 5)
+    fkd_module = fastkd.FKDLoss(0.7, 0.3, algorithm="dual", global_batch=True)
+
+    def step(model, xs, ts):
+        z = model(xs)
+        return fkd_module(z, ts) + 0.5 * fastkd.srd_loss(z[:, :5], ts, global_batch=True)
+
+    model = mlp(4, 6, seed=5)
+    eager_model = copy.deepcopy(model)
+    ddp, eager_ddp = DDP(model), DDP(eager_model)
+    compiled = torch.compile(step, backend="eager")
+    loss = compiled(ddp, x[ctx.rows], t[ctx.rows])
+    loss.backward()
+    ref = step(eager_ddp, x[ctx.rows], t[ctx.rows])
+    ref.backward()
+    assert_close(loss, ref, 1e-12, "compiled value")
+    compare_grads(model, eager_model, "compiled")
+    full = torch.compile(
+        lambda a, b: fastkd.fkd_loss(a, b, global_batch=True), fullgraph=True, backend="eager"
+    )
+    expect_error(ctx, "fullgraph", lambda: full(x[ctx.rows], t[ctx.rows]), Exception, "eagerly")
+
+
+def check_subgroup(ctx: Ctx):
+    """process_group=: the loss of ranks 0 and 1 only (the last rank is outside the group)."""
+    group = dist.new_group([0, 1])
+    if ctx.rank > 1:
+        return
+    gen = ctx.generator("subgroup")
+    full = [ctx.features(gen, w) for w in (6, 5)]
+    stop = sum(ctx.sizes[:2])
+    start = sum(ctx.sizes[: ctx.rank])
+    rows = slice(start, start + ctx.sizes[ctx.rank])
+    s, t = (x[rows].clone().requires_grad_() for x in full)
+    loss = fastkd.FKDLoss(0.7, 0.3, global_batch=True, process_group=group)(s, t)
+    loss.backward()
+    rs, rt = (x[:stop].clone().requires_grad_() for x in full)
+    ref = reference.fkd_loss(rs, rt, 0.7, 0.3)
+    ref.backward()
+    assert_close(loss, ref, 1e-10, "subgroup value")
+    for x, r, which in ((s, rs, "student"), (t, rt, "teacher")):
+        scale = 2 * r.grad.abs().max().item()
+        assert_close(x.grad, 2 * r.grad[rows], 1e-10, f"subgroup grad {which}", scale)
+    other = fastkd.rkd_distance_loss(s, t, global_batch=True, process_group=group)
+    assert_close(other, reference.rkd_distance_loss(rs, rt), 1e-10, "subgroup rkd value")
 
 
 def check_autograd_collectives(ctx: Ctx):
@@ -375,6 +469,26 @@ def check_errors(ctx: Ctx):
     )
     expect_error(
         ctx,
+        "FKDLoss width",
+        lambda: fastkd.FKDLoss(global_batch=True)(torch.randn(n, width), torch.randn(n, 3)),
+        fd.GlobalBatchError,
+        "do not match",
+    )
+    # A backend this install lacks for SP, on rank 0 only: rank 0 raises the registry's error,
+    # the others a GlobalBatchError naming rank 0 (nobody waits in a collective).
+    sp_backend = "cpu" if ctx.rank == 0 else None
+    kind = fastkd.BackendUnavailableError if ctx.rank == 0 else fd.GlobalBatchError
+    expect_error(
+        ctx,
+        "sp backend",
+        lambda: fastkd.sp_loss(
+            torch.randn(n, 4), torch.randn(n, 3), backend=sp_backend, global_batch=True
+        ),
+        kind,
+        "rank 0" if ctx.rank else "sp",
+    )
+    expect_error(
+        ctx,
         "rkd dtype",
         lambda: fd.global_rkd_distance_loss(
             torch.randn(n, 4, dtype=F64 if ctx.rank == 0 else torch.float32), torch.randn(n, 4)
@@ -409,7 +523,7 @@ def check_errors(ctx: Ctx):
     bad = torch.randn(n) if ctx.rank == 0 else torch.randn(n, 5)
     kind, text = (ValueError, "2-D") if ctx.rank == 0 else (fd.GlobalBatchError, "rank 0")
     expect_error(ctx, "srd local", lambda: fd.global_srd_loss(bad, torch.randn(n, 5)), kind, text)
-    module = fd.GlobalSRDLoss(4, 5)
+    module = SRDLoss(4, 5, global_batch=True)
     feats = torch.randn(n, 4 + (ctx.rank == ctx.world - 1))
     kind = ValueError if ctx.rank == ctx.world - 1 else fd.GlobalBatchError
     expect_error(ctx, "srd module width", lambda: module(feats, torch.randn(n, 5)), kind, "columns")

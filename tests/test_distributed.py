@@ -1,11 +1,14 @@
 """Global-batch losses on a real gloo process group (fastkd.distributed, SPEC §5).
 
-Each world size runs every scenario inside ONE spawned group (tests/distributed_helpers.py):
-FKD tiled/dual with one and two teachers, SP, RKD, SRD (function, eval mode, module with
-running statistics), float64 and float32, DDP-averaged parameter gradients against one process
-on the concatenated batch (1e-10 relative in float64), the autograd-aware collectives and the
-errors raised on every rank. Every wait is bounded: the group has a 60 s timeout, the parent
-waits a bounded time for the results and kills stragglers.
+Each world size runs every scenario inside ONE spawned group (tests/distributed_helpers.py),
+mostly through the public losses with ``global_batch=True`` (fastkd.fkd_loss / FKDLoss, sp_loss
+/ SPLoss, rkd_distance_loss / RKDDistanceLoss, srd_loss / SRDLoss) and partly through
+fastkd.distributed directly: FKD tiled/dual with one and two teachers, SP, RKD, SRD (function,
+eval mode, module with running statistics), float64 and float32, DDP-averaged parameter
+gradients against one process on the concatenated batch (1e-10 relative in float64), the
+autograd-aware collectives, torch.compile around the global losses (W = 2), a process_group
+that is a subgroup (W = 3) and the errors raised on every rank. Every wait is bounded: the
+group has a 60 s timeout, the parent waits a bounded time for the results and kills stragglers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).parent))  # the spawned workers import the
 
 import distributed_helpers  # noqa: E402
 
+import fastkd  # noqa: E402
 from fastkd import distributed as fd  # noqa: E402
 
 RESULT_TIMEOUT_S = 240  # start-up of W processes on a loaded 2-core machine included
@@ -96,6 +100,61 @@ def test_without_process_group_is_an_error():
     for call in calls:
         with pytest.raises(RuntimeError, match="init_process_group"):
             call()
+
+
+PUBLIC_GLOBAL = [
+    lambda x, **kw: fastkd.fkd_loss(x, x, **kw),
+    lambda x, **kw: fastkd.FKDLoss(0.5, 0.5, **kw)(x, x),
+    lambda x, **kw: fastkd.sp_loss(x, x, **kw),
+    lambda x, **kw: fastkd.SPLoss(**kw)(x, x),
+    lambda x, **kw: fastkd.rkd_distance_loss(x, x, **kw),
+    lambda x, **kw: fastkd.RKDDistanceLoss(**kw)(x, x),
+    lambda x, **kw: fastkd.srd_loss(x, x, **kw),
+    lambda x, **kw: fastkd.SRDLoss(3, 3, **kw)(x, x),
+]
+PUBLIC_IDS = ["fkd", "FKDLoss", "sp", "SPLoss", "rkd", "RKDLoss", "srd", "SRDLoss"]
+
+
+@pytest.mark.parametrize("call", PUBLIC_GLOBAL, ids=PUBLIC_IDS)
+def test_public_losses_with_global_batch_need_a_process_group(call):
+    """global_batch=True never falls back to the local loss; the flag is a bool; a group
+    without global_batch=True is an error too; global_batch=False is the local loss."""
+    assert not dist.is_initialized()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        call(x, global_batch=True)
+    with pytest.raises(TypeError, match="global_batch must be a bool"):
+        call(x, global_batch=1)
+    with pytest.raises(ValueError, match="process_group is only used with global_batch=True"):
+        call(x, process_group=object())
+    assert torch.isfinite(call(x, global_batch=False))
+
+
+def test_modules_show_global_batch_and_the_alias_is_global():
+    for module in (
+        fastkd.FKDLoss(global_batch=True),
+        fastkd.SPLoss(global_batch=True),
+        fastkd.RKDDistanceLoss(global_batch=True),
+        fastkd.SRDLoss(3, 4, global_batch=True),
+        fd.GlobalSRDLoss(3, 4),
+    ):
+        assert "global_batch=True" in repr(module), repr(module)
+        assert module.process_group is None
+    assert "global_batch=False" in repr(fastkd.FKDLoss())
+    assert isinstance(fd.GlobalSRDLoss(3, 3), fastkd.SRDLoss)
+    with pytest.raises(TypeError, match="always global"):
+        fd.GlobalSRDLoss(3, 3, global_batch=False)
+
+
+def test_fullgraph_compile_of_a_global_loss_says_it_runs_eagerly():
+    """The shape handshake cannot be traced: fullgraph=True raises at trace time (before any
+    collective, so without a process group too) with the documented reason."""
+    x = torch.randn(4, 3)
+    compiled = torch.compile(
+        lambda a: fastkd.fkd_loss(a, a, global_batch=True), fullgraph=True, backend="eager"
+    )
+    with pytest.raises(Exception, match="global_batch=True.*run eagerly"):
+        compiled(x)
 
 
 def test_plan_prefers_grams_for_large_batches_and_gather_for_tiny_ones():

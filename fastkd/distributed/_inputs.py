@@ -9,6 +9,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from fastkd.registry import BackendUnavailableError
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -64,10 +66,11 @@ def number(value: object, name: str) -> float:
 
 
 def capture(check: Callable[[], object]) -> tuple[object, BaseException | None]:
-    """``(check(), None)`` or ``(None, the TypeError/ValueError it raised)``."""
+    """``(check(), None)`` or ``(None, the TypeError/ValueError/BackendUnavailableError it
+    raised)``."""
     try:
         return check(), None
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, BackendUnavailableError) as exc:
         return None, exc
 
 

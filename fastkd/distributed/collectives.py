@@ -33,6 +33,15 @@ _DTYPE_CODES = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.flo
 _OP_CODES = {"fkd": 1, "sp": 2, "rkd": 3, "srd": 4, "gather": 5, "reduce": 6}
 
 
+# The shape handshake reads every rank's sizes on the host (data-dependent Python control flow),
+# so dynamo cannot put a global loss in a graph: torch.compile runs it eagerly (one graph
+# break), and fullgraph=True raises with this reason.
+COMPILE_REASON = (
+    "fastkd global-batch losses (global_batch=True) run eagerly: their shape handshake "
+    "exchanges batch sizes on the host before the collectives"
+)
+
+
 class GlobalBatchError(ValueError):
     """Ranks disagree about the inputs of a global loss (widths, dtypes, counts) or one rank's
     inputs are invalid; raised on every rank with the per-rank details."""

@@ -38,6 +38,7 @@ from torch.autograd.function import once_differentiable
 
 from fastkd.distributed import _inputs
 from fastkd.distributed.collectives import (
+    COMPILE_REASON,
     Handshake,
     all_reduce_sum,
     comm_device,
@@ -46,7 +47,9 @@ from fastkd.distributed.collectives import (
     require_group,
 )
 from fastkd.distributed.plan import _fkd_shapes, plan_for
+from fastkd.losses.fkd import fkd_loss
 from fastkd.reference import NORM_EPS
+from fastkd.registry import resolve_backend
 
 
 def _normalized(x: torch.Tensor, scale: float = 1.0):
@@ -149,6 +152,7 @@ class _GlobalFKDDual(torch.autograd.Function):
         return None, None, None, None, *[None if g is None else g * grad.to(g.dtype) for g in out]
 
 
+@torch.compiler.disable(reason=COMPILE_REASON)
 def global_fkd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor | Sequence[torch.Tensor],
@@ -185,11 +189,15 @@ def global_fkd_loss(
     Raises:
         RuntimeError if torch.distributed is not initialised; ValueError/TypeError (on every
         rank) for bad or mismatched inputs.
+
+    ``fastkd.fkd_loss(..., global_batch=True)`` and ``FKDLoss(global_batch=True)`` call this.
+    Under ``torch.compile`` it runs eagerly (a graph break; ``fullgraph=True`` raises).
     """
     group = require_group(process_group)
 
     def check():
         teachers, fields = _fkd_shapes(student, teacher, algorithm)
+        resolve_backend("fkd", backend, student.device)  # also on the dual path: no typo passes
         return (
             teachers,
             fields,
@@ -206,8 +214,6 @@ def global_fkd_loss(
     plan = plan_for(hs, student, teachers, algorithm)
     if plan.algorithm == "dual":
         return _GlobalFKDDual.apply(kd, fr, hs, group, student, *teachers)
-
-    from fastkd import fkd_loss  # lazily: fastkd imports this package in the other direction
 
     def loss_fn(s, *ts):
         return fkd_loss(s, list(ts), kd, fr, backend=backend, algorithm="tiled")

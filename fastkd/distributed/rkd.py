@@ -14,19 +14,25 @@ import torch
 
 from fastkd.distributed import _inputs
 from fastkd.distributed.collectives import (
+    COMPILE_REASON,
     comm_device,
     dtype_code,
     gathered_loss,
     handshake,
     require_group,
 )
+from fastkd.losses.rkd import ALGORITHMS, rkd_distance_loss
+from fastkd.registry import resolve_backend
+from fastkd.validation import check_algorithm
 
 
+@torch.compiler.disable(reason=COMPILE_REASON)
 def global_rkd_distance_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
     *,
     backend: str | None = None,
+    algorithm: str = "auto",
     process_group=None,
 ) -> torch.Tensor:
     """RKD distance loss over the global batch (all ranks' rows in rank order).
@@ -39,12 +45,16 @@ def global_rkd_distance_loss(
         teacher: (B_r, ...) teacher features, flattened to (B_r, Dt).
         backend: fused backend run on the gathered batch ("auto" | "cpu" | "cuda" | "triton" |
             "reference"; None reads $FASTKD_BACKEND).
+        algorithm: "auto" or "tiled" (the only one), as in :func:`fastkd.rkd_distance_loss`.
         process_group: None for the default group.
 
     Returns:
         0-dim loss, float32 (float64 if an input is float64), identical on every rank; this
         rank's rows get W x dL/dF_r. Communication: one all_gather of W max(B_r) x (Ds + Dt)
         values (one per dtype when student and teacher dtypes differ).
+
+    ``fastkd.rkd_distance_loss(..., global_batch=True)`` and ``RKDDistanceLoss(global_batch=
+    True)`` call this. Under ``torch.compile`` it runs eagerly (a graph break).
     """
     group = require_group(process_group)
 
@@ -52,6 +62,8 @@ def global_rkd_distance_loss(
         s = _inputs.features(student, "student", flatten=True)
         t = _inputs.features(teacher, "teacher", flatten=True)
         _inputs.same_rows(s, "student", t, "teacher")
+        check_algorithm(algorithm, ALGORITHMS)
+        resolve_backend("rkd", backend, s.device)
         fields = [
             ("student width", s.shape[1]),
             ("student dtype", dtype_code(s.dtype)),
@@ -66,8 +78,6 @@ def global_rkd_distance_loss(
         handshake("rkd", group, device, 0, [], problem)
     s, t, fields = checked
     hs = handshake("rkd", group, device, s.shape[0], fields)
-
-    from fastkd import rkd_distance_loss  # lazily: fastkd imports this package the other way
 
     def loss_fn(gs, gt):
         return rkd_distance_loss(gs, gt, backend=backend)

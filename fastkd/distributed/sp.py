@@ -21,6 +21,7 @@ from torch.autograd.function import once_differentiable
 
 from fastkd.distributed import _inputs
 from fastkd.distributed.collectives import (
+    COMPILE_REASON,
     Handshake,
     all_reduce_sum,
     comm_device,
@@ -29,7 +30,10 @@ from fastkd.distributed.collectives import (
     require_group,
 )
 from fastkd.distributed.fkd import _pack_symmetric, _unpack_symmetric
+from fastkd.losses.sp import ALGORITHMS
 from fastkd.reference import NORM_EPS
+from fastkd.registry import resolve_backend
+from fastkd.validation import check_algorithm
 
 
 def _row_sum(fs, ft, gram_s, gram_t, cross):
@@ -119,8 +123,14 @@ class _GlobalSP(torch.autograd.Function):
         return None, None, *[None if g is None else g * grad.to(g.dtype) for g in out]
 
 
+@torch.compiler.disable(reason=COMPILE_REASON)
 def global_sp_loss(
-    student: torch.Tensor, teacher: torch.Tensor, *, process_group=None
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    *,
+    backend: str | None = None,
+    algorithm: str = "auto",
+    process_group=None,
 ) -> torch.Tensor:
     """SP loss over the global batch (all ranks' rows in rank order; SPEC §2, §5).
 
@@ -130,6 +140,11 @@ def global_sp_loss(
     Args:
         student: (B_r, ...) student features, flattened to (B_r, Ds); float16..float64.
         teacher: (B_r, ...) teacher features, flattened to (B_r, Dt).
+        backend: "auto" | "reference" (None reads $FASTKD_BACKEND), validated as by
+            :func:`fastkd.sp_loss`; the global path is plain float64 GEMMs on the features'
+            device.
+        algorithm: "auto" | "explicit" | "dual", validated; the global path always works in
+            feature space (both algorithms are exact, and the Grams are what ranks can sum).
         process_group: None for the default group.
 
     Returns:
@@ -137,6 +152,9 @@ def global_sp_loss(
         float32 (float64 if an input is float64), identical on every rank. Computed in float64
         in feature space, O(B_r D^2) time, two all_reduces of ~Ds^2/2 + Dt^2/2 + Ds Dt values
         (one if nothing requires grad). This rank's rows get W x dL/dF_r.
+
+    ``fastkd.sp_loss(..., global_batch=True)`` and ``SPLoss(global_batch=True)`` call this.
+    Under ``torch.compile`` it runs eagerly (a graph break).
     """
     group = require_group(process_group)
 
@@ -144,6 +162,8 @@ def global_sp_loss(
         s = _inputs.features(student, "student", flatten=True)
         t = _inputs.features(teacher, "teacher", flatten=True)
         _inputs.same_rows(s, "student", t, "teacher")
+        check_algorithm(algorithm, ALGORITHMS)
+        resolve_backend("sp", backend, s.device)
         grad = torch.is_grad_enabled() and (s.requires_grad or t.requires_grad)
         fields = [
             ("student width", s.shape[1]),

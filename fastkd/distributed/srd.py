@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from fastkd import SRDLoss, reference
+from fastkd import reference
 from fastkd.distributed import _inputs
 from fastkd.distributed.collectives import (
+    COMPILE_REASON,
     Handshake,
     all_reduce_sum,
     comm_device,
@@ -34,6 +35,9 @@ from fastkd.distributed.collectives import (
     handshake,
     require_group,
 )
+from fastkd.losses.srd import ALGORITHMS, SRDLoss
+from fastkd.registry import resolve_backend
+from fastkd.validation import check_algorithm
 
 BUFFER_NAMES = ("running_mean_s", "running_var_s", "running_mean_t", "running_var_t")
 
@@ -131,7 +135,7 @@ class _GlobalSRD(torch.autograd.Function):
         return (None,) * 5 + tuple(None if x is None else x * grad.to(x.dtype) for x in out)
 
 
-def _check(student, teacher, p, eps, training, buffers: dict, momentum):
+def _check(student, teacher, p, eps, training, buffers: dict, momentum, backend, algorithm):
     s = _inputs.features(student, "student")
     t = _inputs.features(teacher, "teacher")
     if t.shape != s.shape:
@@ -167,6 +171,8 @@ def _check(student, teacher, p, eps, training, buffers: dict, momentum):
             raise ValueError(f"running_mean_{side} and running_var_{side}: pass both or neither")
     if not training and any(buf is None for buf in buffers.values()):
         raise ValueError("eval mode (training=False) needs all four running statistics")
+    check_algorithm(algorithm, ALGORITHMS)
+    resolve_backend("srd", backend, s.device)  # validated as by srd_loss, not used
     grad = torch.is_grad_enabled() and (s.requires_grad or t.requires_grad)
     fields = [
         ("width", s.shape[1]),
@@ -180,6 +186,7 @@ def _check(student, teacher, p, eps, training, buffers: dict, momentum):
     return p, eps, momentum, fields
 
 
+@torch.compiler.disable(reason=COMPILE_REASON)
 def global_srd_loss(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -192,6 +199,8 @@ def global_srd_loss(
     running_var_t: torch.Tensor | None = None,
     momentum: float = 0.1,
     *,
+    backend: str | None = None,
+    algorithm: str = "auto",
     process_group=None,
     _problem: BaseException | None = None,
 ) -> torch.Tensor:
@@ -209,12 +218,16 @@ def global_srd_loss(
             updated in training from the global statistics (momentum, unbiased variance with
             the global B), identically on every rank; eval mode needs all four.
         momentum: in [0, 1].
+        backend, algorithm: validated as by :func:`fastkd.srd_loss`, not used (see Returns).
         process_group: None for the default group.
 
     Returns:
         0-dim ``log(max(sum |s - t|^p, tiny))`` over the global batch, float32 (float64 if an
         input is float64), identical on every rank; this rank's rows get W x dL/dz_r. Runs in
-        eager PyTorch ops (not the fused kernels); no backend argument.
+        eager PyTorch ops (not the fused kernels).
+
+    ``fastkd.srd_loss(..., global_batch=True)`` and ``SRDLoss(global_batch=True)`` call this.
+    Under ``torch.compile`` it runs eagerly (a graph break).
     """
     group = require_group(process_group)
     buffers = dict(
@@ -225,7 +238,7 @@ def global_srd_loss(
         )
     )
     checked, problem = _inputs.capture(
-        lambda: _check(student, teacher, p, eps, training, buffers, momentum)
+        lambda: _check(student, teacher, p, eps, training, buffers, momentum, backend, algorithm)
     )
     problem = _problem or problem
     device = comm_device(group, _inputs.device_of(student))
@@ -251,49 +264,16 @@ def global_srd_loss(
 
 
 class GlobalSRDLoss(SRDLoss):
-    """:class:`fastkd.SRDLoss` over the global batch: ``GlobalSRDLoss(student_dim, teacher_dim,
-    ..., process_group=None)(student_features, teacher_features)``.
+    """``SRDLoss(..., global_batch=True)`` under its Phase-1 name: :class:`fastkd.SRDLoss` over
+    the global batch with nn.SyncBatchNorm semantics (running statistics updated from the
+    global batch statistics, identically on every rank).
 
-    Same arguments, projector and buffers as SRDLoss; the loss is :func:`global_srd_loss`, so
-    in training the running statistics are updated from the global batch statistics, identically
-    on every rank (as nn.SyncBatchNorm). student_features (B_r, student_dim), teacher_features
-    (B_r, teacher_dim); returns the 0-dim global loss. The ``backend`` argument is accepted for
-    symmetry and not used (the global path runs in PyTorch ops).
+    ``GlobalSRDLoss(student_dim, teacher_dim, ..., process_group=None)`` takes SRDLoss's
+    arguments (``global_batch`` is always True); student_features (B_r, student_dim),
+    teacher_features (B_r, teacher_dim) -> the 0-dim global loss.
     """
 
     def __init__(self, *args, process_group=None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.process_group = process_group
-
-    def forward(self, student_features: torch.Tensor, teacher_features: torch.Tensor):
-        def project():
-            for name, x, width in (
-                ("student_features", student_features, self.student_dim),
-                ("teacher_features", teacher_features, self.teacher_dim),
-            ):
-                _inputs.features(x, name)
-                if x.shape[1] != width:
-                    raise ValueError(f"{name} must have {width} columns, got {tuple(x.shape)}")
-            return student_features if self.projector is None else self.projector(student_features)
-
-        # A projector error on one rank must not leave the others waiting: it joins the handshake.
-        z, problem = _inputs.capture(project)
-        use_batch_stats = self.training or not self.track_running_stats
-        updating = self.training and self.track_running_stats
-        factor = 0.0 if self.momentum is None else self.momentum
-        if updating and self.momentum is None:
-            factor = 1.0 / (int(self.num_batches_tracked) + 1)
-        loss = global_srd_loss(
-            z if problem is None else None,
-            teacher_features,
-            self.p,
-            self.eps,
-            use_batch_stats,
-            *(getattr(self, name) for name in BUFFER_NAMES),
-            momentum=factor,
-            process_group=self.process_group,
-            _problem=problem,
-        )
-        if updating:
-            self.num_batches_tracked.add_(1)
-        return loss
+        if "global_batch" in kwargs:
+            raise TypeError("GlobalSRDLoss is always global: do not pass global_batch")
+        super().__init__(*args, global_batch=True, process_group=process_group, **kwargs)

@@ -11,18 +11,23 @@ The recipe every loss of :mod:`fastkd.losses` follows:
    backward pass then only scales the saved gradients), forward otherwise (the backward pass
    then calls the backward kernel);
 5. :class:`FKDLoss` wraps :func:`fkd_loss` with the same keywords.
+
+``global_batch=True`` hands the call, before any local check, to
+:func:`fastkd.distributed.global_fkd_loss` (the loss of all ranks' rows, SPEC §5): its checks
+run inside the ranks' shape handshake, so a bad input on one rank raises on every rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastkd import reference
-from fastkd.losses._common import DUAL_RATIO, prefers_dual, scale_saved
+from fastkd.losses._common import DUAL_RATIO, prefers_dual, scale_saved, wants_global
 from fastkd.losses.fkd_dual import FKDDualFunction
 from fastkd.registry import kernels, resolve_backend
 from fastkd.validation import (
@@ -31,6 +36,9 @@ from fastkd.validation import (
     check_finite_number,
     check_teachers,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 OP = "fkd"
 ALGORITHMS = ("auto", "tiled", "dual")
@@ -110,6 +118,8 @@ def fkd_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """FKD loss: kernel distillation plus feature regularisation (SPEC §1).
 
@@ -127,10 +137,36 @@ def fkd_loss(
         algorithm: "tiled" (kernel space, O(B^2 D) time, O(B D) memory), "dual" (feature space,
             O(B D^2) time, O(D^2) memory) or "auto": dual when B >= 2 (Ds + Dt), else tiled.
             Ignored by the reference backend, which forms the kernels explicitly.
+        global_batch: if True, the loss of the GLOBAL batch (every rank's rows concatenated in
+            rank order; SPEC §5) through :func:`fastkd.distributed.global_fkd_loss`: a
+            collective that every rank of the group must call. Local batches may differ (and be
+            1; the global batch needs >= 2 rows). "dual" all_reduces the D x D Grams; "tiled"
+            gathers the features and runs ``backend`` on the global batch; "auto" weighs compute
+            and communication (:func:`fastkd.distributed.explain_global_fkd`). The loss is
+            identical on every rank and this rank's rows get W x dL/dF_r, so DDP's averaging
+            yields the single-process gradients. Needs an initialised process group
+            (``RuntimeError`` otherwise); runs eagerly under ``torch.compile`` (a graph break;
+            ``fullgraph=True`` raises).
+        process_group: the group of the global batch (None: the default group); only with
+            ``global_batch=True``.
 
     Returns:
         0-dim tensor, float32 (float64 if any input is float64).
     """
+    if wants_global(global_batch, process_group):
+        # Lazily: fastkd.distributed imports this module. No local check first: a rank that
+        # raised alone would leave the others waiting in a collective.
+        from fastkd.distributed.fkd import global_fkd_loss
+
+        return global_fkd_loss(
+            student,
+            teacher,
+            kd_weight,
+            fr_weight,
+            algorithm=algorithm,
+            backend=backend,
+            process_group=process_group,
+        )
     check_features(student, "student", min_batch=2)
     teachers = check_teachers(teacher, student, min_batch=2)
     kd_weight = check_finite_number(kd_weight, "kd_weight")
@@ -151,6 +187,8 @@ class FKDLoss(nn.Module):
     """Module form of :func:`fkd_loss`: ``FKDLoss(kd_weight, fr_weight)(student, teacher)``.
 
     Shapes: student (B, Ds), teacher (B, Dt) or a list of (B, Dt_e); returns a 0-dim loss.
+    ``global_batch=True`` (with ``process_group``) makes it the loss of the global batch under
+    torch.distributed, as in :func:`fkd_loss`.
     """
 
     def __init__(
@@ -160,12 +198,16 @@ class FKDLoss(nn.Module):
         *,
         backend: str | None = None,
         algorithm: str = "auto",
+        global_batch: bool = False,
+        process_group: ProcessGroup | None = None,
     ):
         super().__init__()
         self.kd_weight = check_finite_number(kd_weight, "kd_weight")
         self.fr_weight = check_finite_number(fr_weight, "fr_weight")
         self.backend = backend
         self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+        self.global_batch = wants_global(global_batch, process_group)
+        self.process_group = process_group
 
     def forward(
         self, student: torch.Tensor, teacher: torch.Tensor | Sequence[torch.Tensor]
@@ -177,10 +219,13 @@ class FKDLoss(nn.Module):
             self.fr_weight,
             backend=self.backend,
             algorithm=self.algorithm,
+            global_batch=self.global_batch,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
         return (
             f"kd_weight={self.kd_weight}, fr_weight={self.fr_weight}, "
-            f"backend={self.backend!r}, algorithm={self.algorithm!r}"
+            f"backend={self.backend!r}, algorithm={self.algorithm!r}, "
+            f"global_batch={self.global_batch}"
         )

@@ -10,18 +10,26 @@ the backend (:mod:`fastkd.registry`) -> choose the algorithm (one: "tiled") ->
 The tiled kernels, ``cpu`` (``csrc/cpu/rkd.cpp``), ``cuda`` (``csrc/cuda/rkd.cu``) and ``triton``
 (``fastkd/triton/rkd.py``), make three sweeps over the distance tiles: O(B D) extra memory
 instead of about a dozen B x B matrices.
+
+``global_batch=True`` hands the call to :func:`fastkd.distributed.global_rkd_distance_loss`
+(the loss of every rank's rows, SPEC §5: gather, then this module's kernels on the global batch).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastkd import reference
-from fastkd.losses._common import scale_saved
+from fastkd.losses._common import scale_saved, wants_global
 from fastkd.registry import kernels, resolve_backend
 from fastkd.validation import check_algorithm, check_pair
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 OP = "rkd"
 ALGORITHMS = ("auto", "tiled")
@@ -75,6 +83,8 @@ def rkd_distance_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """RKD distance loss. student (B, ...), teacher (B, ...) (flattened to (B, D)), B >= 2.
 
@@ -85,7 +95,23 @@ def rkd_distance_loss(
     "auto" | "cpu" | "cuda" | "triton" | "reference" (see :mod:`fastkd.registry`); the kernels
     need O(B D) extra memory, the reference about a dozen B x B matrices at its peak.
     ``algorithm``: "auto" or "tiled" (the only one; ignored by the reference backend).
+
+    ``global_batch=True``: the loss of the GLOBAL batch (every rank's rows in rank order, SPEC
+    §5) through :func:`fastkd.distributed.global_rkd_distance_loss`, a collective every rank of
+    ``process_group`` (None: the default group) must call; local batches may differ (>= 1 each,
+    global >= 2). Every rank gathers the features and runs ``backend`` on the whole global batch
+    (the B x B sweeps are repeated on every rank); the loss is identical on every rank and this
+    rank's rows get W x dL/dF_r, so DDP's averaging yields the single-process gradients. Needs
+    an initialised process group (``RuntimeError`` otherwise); runs eagerly under
+    ``torch.compile`` (a graph break).
     """
+    if wants_global(global_batch, process_group):
+        # Lazily: fastkd.distributed imports the losses. Its checks join the ranks' handshake.
+        from fastkd.distributed.rkd import global_rkd_distance_loss
+
+        return global_rkd_distance_loss(
+            student, teacher, backend=backend, algorithm=algorithm, process_group=process_group
+        )
     flat_s, flat_t = check_pair(student, teacher)
     name = resolve_backend(OP, backend, flat_s.device)
     check_algorithm(algorithm, ALGORITHMS)
@@ -95,15 +121,35 @@ def rkd_distance_loss(
 
 
 class RKDDistanceLoss(nn.Module):
-    """Module form of :func:`rkd_distance_loss`: ``RKDDistanceLoss()(student, teacher)``."""
+    """Module form of :func:`rkd_distance_loss`: ``RKDDistanceLoss()(student, teacher)``, with
+    the same keywords (``global_batch=True``: the loss of the global batch)."""
 
-    def __init__(self, *, backend: str | None = None, algorithm: str = "auto"):
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        algorithm: str = "auto",
+        global_batch: bool = False,
+        process_group: ProcessGroup | None = None,
+    ):
         super().__init__()
         self.backend = backend
         self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+        self.global_batch = wants_global(global_batch, process_group)
+        self.process_group = process_group
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return rkd_distance_loss(student, teacher, backend=self.backend, algorithm=self.algorithm)
+        return rkd_distance_loss(
+            student,
+            teacher,
+            backend=self.backend,
+            algorithm=self.algorithm,
+            global_batch=self.global_batch,
+            process_group=self.process_group,
+        )
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, algorithm={self.algorithm!r}"
+        return (
+            f"backend={self.backend!r}, algorithm={self.algorithm!r}, "
+            f"global_batch={self.global_batch}"
+        )

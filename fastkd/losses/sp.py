@@ -15,17 +15,25 @@ run it. Both algorithms are exact and run on any device:
   with C = Ft^T Fs and n the clamped row norms of G. The terms cancel when student and teacher
   agree, so it runs in float64. It is an autograd composite (no Function): plain differentiable
   torch ops, so autograd derives the gradient and ``torch.compile`` traces it.
+
+``global_batch=True`` hands the call to :func:`fastkd.distributed.global_sp_loss` (the loss of
+every rank's rows, SPEC §5), which works in feature space from all_reduced Grams.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from fastkd import reference
-from fastkd.losses._common import prefers_dual
+from fastkd.losses._common import prefers_dual, wants_global
 from fastkd.registry import resolve_backend
 from fastkd.validation import check_algorithm, check_pair
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 OP = "sp"
 ALGORITHMS = ("auto", "explicit", "dual")
@@ -68,6 +76,8 @@ def sp_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """Similarity-preserving loss. student (B, ...), teacher (B, ...) (flattened to (B, D)).
 
@@ -76,7 +86,22 @@ def sp_loss(
     backends have no SP kernel and raise. ``algorithm``: "explicit" forms the two B x B Grams
     (the reference), "dual" works in feature space (module docstring), "auto" picks dual when
     B >= 2 (Ds + Dt).
+
+    ``global_batch=True``: the loss of the GLOBAL batch (every rank's rows in rank order, SPEC
+    §5) through :func:`fastkd.distributed.global_sp_loss`, a collective every rank of
+    ``process_group`` (None: the default group) must call; local batches may differ (>= 1 each,
+    global >= 2). It always runs in feature space (two all_reduces of D x D Grams, whatever
+    ``algorithm``: both are exact), identical on every rank; this rank's rows get W x dL/dF_r,
+    so DDP's averaging yields the single-process gradients. Needs an initialised process group
+    (``RuntimeError`` otherwise); runs eagerly under ``torch.compile`` (a graph break).
     """
+    if wants_global(global_batch, process_group):
+        # Lazily: fastkd.distributed imports the losses. Its checks join the ranks' handshake.
+        from fastkd.distributed.sp import global_sp_loss
+
+        return global_sp_loss(
+            student, teacher, backend=backend, algorithm=algorithm, process_group=process_group
+        )
     flat_s, flat_t = check_pair(student, teacher)
     resolve_backend(OP, backend, flat_s.device)
     algo = choose_algorithm(algorithm, flat_s.shape[0], flat_s.shape[1], flat_t.shape[1])
@@ -86,15 +111,35 @@ def sp_loss(
 
 
 class SPLoss(nn.Module):
-    """Module form of :func:`sp_loss`: ``SPLoss()(student, teacher)`` -> 0-dim loss."""
+    """Module form of :func:`sp_loss`: ``SPLoss()(student, teacher)`` -> 0-dim loss, with the
+    same keywords (``global_batch=True``: the loss of the global batch)."""
 
-    def __init__(self, *, backend: str | None = None, algorithm: str = "auto"):
+    def __init__(
+        self,
+        *,
+        backend: str | None = None,
+        algorithm: str = "auto",
+        global_batch: bool = False,
+        process_group: ProcessGroup | None = None,
+    ):
         super().__init__()
         self.backend = backend
         self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+        self.global_batch = wants_global(global_batch, process_group)
+        self.process_group = process_group
 
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        return sp_loss(student, teacher, backend=self.backend, algorithm=self.algorithm)
+        return sp_loss(
+            student,
+            teacher,
+            backend=self.backend,
+            algorithm=self.algorithm,
+            global_batch=self.global_batch,
+            process_group=self.process_group,
+        )
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend!r}, algorithm={self.algorithm!r}"
+        return (
+            f"backend={self.backend!r}, algorithm={self.algorithm!r}, "
+            f"global_batch={self.global_batch}"
+        )

@@ -14,15 +14,22 @@ batch-normalised on its own statistics (no affine parameters, eps 1e-4), the los
 read the inputs twice in the forward pass (column statistics, then the loss sum plus the column
 sums that the backward pass needs) and once in the backward pass, and allocate nothing of size
 B x D apart from the gradients.
+
+``global_batch=True`` (functional and Module) hands the call to
+:func:`fastkd.distributed.global_srd_loss`: nn.SyncBatchNorm semantics over every rank's rows
+(SPEC §5), in eager PyTorch ops rather than the fused kernels (their statistics are local).
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
 from fastkd import reference
+from fastkd.losses._common import wants_global
 from fastkd.registry import kernels, resolve_backend
 from fastkd.validation import (
     check_algorithm,
@@ -31,6 +38,9 @@ from fastkd.validation import (
     check_momentum,
     check_srd_args,
 )
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
 
 OP = "srd"
 ALGORITHMS = ("auto", "fused")
@@ -131,6 +141,8 @@ def srd_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    global_batch: bool = False,
+    process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """SRD loss: LogSum of the difference of batch-normalised features (SPEC §3).
 
@@ -152,10 +164,41 @@ def srd_loss(
         momentum: weight of the batch statistics in the running update, in [0, 1].
         backend: "auto" | "cpu" | "cuda" | "triton" | "reference"; None reads ``$FASTKD_BACKEND``.
         algorithm: "auto" or "fused" (the only one; ignored by the reference backend).
+        global_batch: if True, SRD over the GLOBAL batch (every rank's rows in rank order) with
+            nn.SyncBatchNorm semantics (SPEC §5), through
+            :func:`fastkd.distributed.global_srd_loss`: a collective every rank of
+            ``process_group`` must call. Batch statistics are those of the global batch (local
+            batches may be 1; training needs a global batch >= 2), the running buffers are
+            updated from them (unbiased variance with the global B), identically on every rank.
+            The loss is identical on every rank and this rank's rows get W x dL/dz_r (DDP's
+            averaging yields the single-process gradients). It runs in eager PyTorch ops, not
+            the fused kernels (``backend`` is validated but not used). Needs an initialised
+            process group (``RuntimeError`` otherwise); eager under ``torch.compile``.
+        process_group: the group of the global batch (None: the default group); only with
+            ``global_batch=True``.
 
     Returns:
         0-dim tensor, float32 (float64 if an input is float64).
     """
+    if wants_global(global_batch, process_group):
+        # Lazily: fastkd.distributed imports this module. Its checks join the ranks' handshake.
+        from fastkd.distributed.srd import global_srd_loss
+
+        return global_srd_loss(
+            student,
+            teacher,
+            p,
+            eps,
+            training,
+            running_mean_s,
+            running_var_s,
+            running_mean_t,
+            running_var_t,
+            momentum,
+            backend=backend,
+            algorithm=algorithm,
+            process_group=process_group,
+        )
     buffers = {
         "running_mean_s": running_mean_s,
         "running_var_s": running_var_s,
@@ -187,10 +230,17 @@ class SRDLoss(nn.Module):
             ``running_var_s``, ``running_mean_t``, ``running_var_t``, ``num_batches_tracked``)
             and use them in eval mode; if False, batch statistics are used in both modes.
         backend, algorithm: as in :func:`srd_loss`.
+        global_batch: if True, the loss of the global batch under torch.distributed with
+            nn.SyncBatchNorm semantics (:func:`srd_loss`): the running statistics are updated
+            from the GLOBAL batch statistics, identically on every rank, and a local batch may
+            be 1 in training. Every rank must call the module in the same order.
+        process_group: the group of the global batch (None: the default group); only with
+            ``global_batch=True``.
         device, dtype: of the projector and the buffers.
 
     ``.train()`` / ``.eval()`` behave as in nn.BatchNorm1d(affine=False): training uses and
-    updates batch statistics (B = 1 is an error), eval uses the running statistics.
+    updates batch statistics (B = 1 is an error unless ``global_batch``), eval uses the running
+    statistics.
     """
 
     def __init__(
@@ -205,6 +255,8 @@ class SRDLoss(nn.Module):
         backend: str | None = None,
         *,
         algorithm: str = "auto",
+        global_batch: bool = False,
+        process_group: ProcessGroup | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ):
@@ -225,6 +277,8 @@ class SRDLoss(nn.Module):
         self.track_running_stats = bool(track_running_stats)
         self.backend = backend
         self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+        self.global_batch = wants_global(global_batch, process_group)
+        self.process_group = process_group
         factory = {"device": device, "dtype": dtype}
         if isinstance(projector, nn.Module):
             self.projector = projector
@@ -264,6 +318,8 @@ class SRDLoss(nn.Module):
     def forward(
         self, student_features: torch.Tensor, teacher_features: torch.Tensor
     ) -> torch.Tensor:
+        if self.global_batch:
+            return self._global_forward(student_features, teacher_features)
         for name, x, width in (
             ("student_features", student_features, self.student_dim),
             ("teacher_features", teacher_features, self.teacher_dim),
@@ -291,10 +347,56 @@ class SRDLoss(nn.Module):
             z, teacher_features, p, eps, use_batch_stats, *buffers.values(), factor, self.backend
         )
 
+    def _global_forward(
+        self, student_features: torch.Tensor, teacher_features: torch.Tensor
+    ) -> torch.Tensor:
+        """forward() with ``global_batch=True``: :func:`fastkd.distributed.global_srd_loss` on
+        (projector(student_features), teacher_features) with this module's buffers."""
+        from fastkd.distributed import _inputs  # lazily: fastkd.distributed imports this module
+        from fastkd.distributed.srd import global_srd_loss
+
+        def project() -> torch.Tensor:
+            for name, x, width in (
+                ("student_features", student_features, self.student_dim),
+                ("teacher_features", teacher_features, self.teacher_dim),
+            ):
+                _inputs.features(x, name)
+                if x.shape[1] != width:
+                    raise ValueError(f"{name} must have {width} columns, got {tuple(x.shape)}")
+            return student_features if self.projector is None else self.projector(student_features)
+
+        # A projector or width error on one rank must not leave the others waiting in a
+        # collective: it is raised through the handshake, on every rank.
+        z, problem = _inputs.capture(project)
+        use_batch_stats = self.training or not self.track_running_stats
+        updating = self.training and self.track_running_stats
+        factor = 0.0 if self.momentum is None else self.momentum
+        if updating and self.momentum is None:
+            factor = 1.0 / (int(self.num_batches_tracked) + 1)  # cumulative average
+        loss = global_srd_loss(
+            z if problem is None else None,
+            teacher_features,
+            self.p,
+            self.eps,
+            use_batch_stats,
+            self.running_mean_s,
+            self.running_var_s,
+            self.running_mean_t,
+            self.running_var_t,
+            factor,
+            backend=self.backend,
+            algorithm=self.algorithm,
+            process_group=self.process_group,
+            _problem=problem,
+        )
+        if updating:  # counted only once the call succeeded on every rank
+            self.num_batches_tracked.add_(1)
+        return loss
+
     def extra_repr(self) -> str:
         return (
             f"student_dim={self.student_dim}, teacher_dim={self.teacher_dim}, p={self.p}, "
             f"eps={self.eps}, momentum={self.momentum}, "
             f"track_running_stats={self.track_running_stats}, backend={self.backend!r}, "
-            f"algorithm={self.algorithm!r}"
+            f"algorithm={self.algorithm!r}, global_batch={self.global_batch}"
         )
