@@ -4,6 +4,7 @@ the Triton ops, a registry with no import cycle, the old module paths, one keywo
 from __future__ import annotations
 
 import importlib
+import inspect
 import subprocess
 import sys
 
@@ -135,6 +136,12 @@ def test_every_loss_takes_backend_and_algorithm(functional, module, args):
     with pytest.raises(ValueError, match="algorithm"):
         module(**args, algorithm="bogus")
     torch.testing.assert_close(loss_module(s, t), ref, rtol=1e-12, atol=0)
+    # The keyword set is the same on every loss: the distributed keywords too.
+    for fn in (functional, type(loss_module).__init__):
+        params = inspect.signature(fn).parameters
+        assert "backend" in params  # SRDLoss has taken it positionally since 0.1
+        for name in ("algorithm", "global_batch", "process_group"):
+            assert params[name].kind is inspect.Parameter.KEYWORD_ONLY, (fn, name)
 
 
 def test_sp_auto_uses_the_fkd_cost_model():
