@@ -136,6 +136,8 @@ def fkd_loss(
             (default "auto"). See :mod:`fastkd.registry`.
         algorithm: "tiled" (kernel space, O(B^2 D) time, O(B D) memory), "dual" (feature space,
             O(B D^2) time, O(D^2) memory) or "auto": dual when B >= 2 (Ds + Dt), else tiled.
+            The dual's Grams are float64 where fp64 is fast (CPU, A100/H100-class GPUs), else
+            a non-cancelling fp32 form (:mod:`fastkd.losses.fkd_dual`, docs/dual.md).
             Ignored by the reference backend, which forms the kernels explicitly.
         global_batch: if True, the loss of the GLOBAL batch (every rank's rows concatenated in
             rank order; SPEC §5) through :func:`fastkd.distributed.global_fkd_loss`: a
