@@ -31,8 +31,7 @@ constexpr int64_t kMaxGroups = 32;  // row groups of the forward tiles: partials
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   srd::check_pair(student, teacher);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "fastkd::srd: features must be a floating dtype");
+  check_float_dtype(student, "fastkd::srd", "student");
 }
 
 // Calls fn.template operator()<kIP>() with the exponent fixed at compile time for the common
@@ -146,7 +145,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   const int64_t B = student_in.size(0), D = student_in.size(1);
   TORCH_CHECK(!training || B >= 2, "fastkd::srd: training mode needs a batch of at least 2 rows");
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = srd::acc_type_of(student);
+  const at::ScalarType acc = acc_type_of(student);
   const auto opts = student.options().dtype(acc);
   at::Tensor stats_s, stats_t;
   if (training) {
@@ -228,7 +227,7 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
   check_inputs(student_in, teacher_in);
   const int64_t B = student_in.size(0), D = student_in.size(1);
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = srd::acc_type_of(student);
+  const at::ScalarType acc = acc_type_of(student);
   srd::check_backward_tables(stats_s_in, stats_t_in, sums_in, D);
   const at::Tensor stats_s = stats_s_in.to(acc).contiguous();
   const at::Tensor stats_t = stats_t_in.to(acc).contiguous();

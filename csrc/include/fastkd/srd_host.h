@@ -1,6 +1,6 @@
 // at::Tensor helpers of the SRD ops shared by the CPU kernels (csrc/cpu/srd.cpp) and the CUDA
-// binding (csrc/cuda/srd_binding.cpp): input checks, the accumulation dtype, and the statistics
-// of eval mode.
+// binding (csrc/cuda/srd_binding.cpp): the pair check, the backward's tables, and the statistics
+// of eval mode. The checks and dtypes of every op are fastkd/host.h.
 //
 // Host-only: this header pulls in ATen. Never include it from a .cu file (they include only
 // lean headers such as srd_math.h, to keep nvcc fast).
@@ -10,20 +10,21 @@
 
 #include <optional>
 
+#include "fastkd/host.h"
+
 namespace fastkd {
 namespace srd {
 
 // Shape, dtype and device agreement of the two (B, D) inputs. Backends add their own checks
 // (device type, supported dtypes) around this.
 inline void check_pair(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 1,
-              "fastkd::srd: student must be a non-empty 2-D tensor");
-  TORCH_CHECK(teacher.sizes() == student.sizes(),
-              "fastkd::srd: teacher must have the student's shape (B, D)");
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(),
-              "fastkd::srd: student and teacher must have the same dtype");
-  TORCH_CHECK(teacher.device() == student.device(),
-              "fastkd::srd: student and teacher are on different devices");
+  constexpr const char* op = "fastkd::srd";
+  check_student(student, op);
+  check_partner(student, teacher, op, "teacher");
+  TORCH_CHECK(teacher.sizes() == student.sizes(), op,
+              ": teacher must have the student's shape (B, D)");
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), op,
+              ": student and teacher must have the same dtype");
 }
 
 // The (4, D) statistics and sums handed to srd_backward.
@@ -32,11 +33,6 @@ inline void check_backward_tables(const at::Tensor& stats_s, const at::Tensor& s
   for (const at::Tensor* t : {&stats_s, &stats_t, &sums})
     TORCH_CHECK(t->dim() == 2 && t->size(0) == 4 && t->size(1) == D,
                 "fastkd::srd_backward: statistics and sums must have shape (4, D)");
-}
-
-// Accumulation dtype: float64 for float64 features, float32 otherwise.
-inline at::ScalarType acc_type_of(const at::Tensor& x) {
-  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 // (4, D) statistics from running buffers (eval mode): mean, var, centre = mean - z[0], rstd.
