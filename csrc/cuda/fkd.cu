@@ -91,11 +91,6 @@ struct Traits<double> {
   static constexpr int kMinBlocks = 1;  // 4x4 doubles per thread need more than 128 registers
 };
 
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-
 template <typename T>
 __device__ __forceinline__ T from_acc(typename Traits<T>::acc x);
 template <>

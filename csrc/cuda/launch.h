@@ -48,8 +48,8 @@ constexpr size_t size_of(DType t) {
 constexpr size_t acc_size_of(DType t) { return t == DType::kDouble ? 8 : 4; }
 
 #if defined(__CUDACC__) || defined(FASTKD_EMULATE)
-// Calls f(T()) with T the element type of `t` (__half, __nv_bfloat16, float, double) and returns
-// its result. .cu files only: the element types need cuda_fp16.h / cuda_bf16.h.
+// .cu files only (the element types need cuda_fp16.h / cuda_bf16.h): calls f(T()) with T the
+// element type of `t` (__half, __nv_bfloat16, float, double) and returns its result.
 template <typename F>
 auto dispatch(DType t, F&& f) {
   switch (t) {
@@ -63,6 +63,30 @@ auto dispatch(DType t, F&& f) {
       break;
   }
   return f(float());
+}
+
+// Element conversions of the kernels: to the accumulation type, and a store rounded to nearest
+// (through float for the 16-bit types).
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+
+template <typename V>
+__device__ __forceinline__ void store(__half* p, V v) {
+  *p = __float2half_rn(float(v));
+}
+template <typename V>
+__device__ __forceinline__ void store(__nv_bfloat16* p, V v) {
+  *p = __float2bfloat16_rn(float(v));
+}
+template <typename V>
+__device__ __forceinline__ void store(float* p, V v) {
+  *p = float(v);
+}
+template <typename V>
+__device__ __forceinline__ void store(double* p, V v) {
+  *p = double(v);
 }
 #endif
 

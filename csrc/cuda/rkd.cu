@@ -56,23 +56,6 @@ __device__ __forceinline__ int thread_id() {
   return int(threadIdx.y) * int(blockDim.x) + int(threadIdx.x);
 }
 
-template <typename V>
-__device__ __forceinline__ void store(__half* p, V v) {
-  *p = __float2half_rn(float(v));
-}
-template <typename V>
-__device__ __forceinline__ void store(__nv_bfloat16* p, V v) {
-  *p = __float2bfloat16_rn(float(v));
-}
-template <typename V>
-__device__ __forceinline__ void store(float* p, V v) {
-  *p = float(v);
-}
-template <typename V>
-__device__ __forceinline__ void store(double* p, V v) {
-  *p = double(v);
-}
-
 // acc[m][n] = f_i . f_j for i = i0 + ty + 16m, j = j0 + tx + 16n (0 beyond B). sa, sb: shared
 // buffers of kTile x (Step + 1). Every thread of the block must call it.
 template <typename T>

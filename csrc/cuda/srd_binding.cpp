@@ -41,9 +41,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
     const std::optional<at::Tensor>& running_var_s, const std::optional<at::Tensor>& running_mean_t,
     const std::optional<at::Tensor>& running_var_t) {
   check_inputs(student_in, teacher_in);
-  TORCH_CHECK(p >= 1, kOp, ": p must be >= 1, got ", p);
-  const int64_t B = student_in.size(0), D = student_in.size(1);
-  TORCH_CHECK(!training || B >= 2, kOp, ": training mode needs a batch of at least 2 rows");
+  srd::check_forward_args(student_in, p, training);
   const cuda::Launch launch(student_in);
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
   const at::ScalarType acc = acc_type_of(student);
@@ -51,14 +49,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
   cuda::SrdArgs a = args_of(student, teacher, p, training, launch);
   a.eps = eps;
   at::Tensor stats_s, stats_t;
-  if (training) {
-    stats_s = at::empty({4, D}, opts);
-    stats_t = at::empty({4, D}, opts);
-  } else {
-    stats_s = srd::stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
-    stats_t = srd::stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
-  }
-  at::Tensor sums = at::empty({4, D}, opts);
+  std::tie(stats_s, stats_t) = srd::forward_stats(student, teacher, training, running_mean_s,
+                                                  running_var_s, running_mean_t, running_var_t,
+                                                  eps, acc);
+  at::Tensor sums = at::empty({4, student.size(1)}, opts);
   at::Tensor total = at::empty({}, opts);
   at::Tensor loss = at::empty({}, opts);
   a.stats_s = stats_s.data_ptr();

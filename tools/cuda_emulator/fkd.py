@@ -34,7 +34,8 @@ GRAD_TOL = {F64: 1e-12, F32: 1e-5, F16: 2e-3, BF16: 1e-2}
 @dataclass(frozen=True)
 class Case:
     """One emulator run. sms: the SM count the backward's split count is chosen for;
-    zero_rows: all-zero student and teacher rows; misalign: inputs off 16-byte alignment."""
+    zero_rows: all-zero student and teacher rows; same: the teacher is the student (rho_S =
+    rho_T: the distillation gradients are zero); misalign: inputs off 16-byte alignment."""
 
     batch: int
     student_width: int
@@ -46,6 +47,7 @@ class Case:
     fr: float = 0.05
     sms: int = 132
     zero_rows: bool = False
+    same: bool = False
     misalign: bool = False
     quick: bool = False
     splits: int | None = (
@@ -56,7 +58,7 @@ class Case:
     def id(self) -> str:
         widths = "+".join(map(str, self.teacher_widths))
         flags = [f"g{self.grad:g}"] if self.grad != 1.0 else []
-        flags += ["tg"] * self.teachers_grad + ["zero"] * self.zero_rows
+        flags += ["tg"] * self.teachers_grad + ["zero"] * self.zero_rows + ["same"] * self.same
         flags += ["misalign"] * self.misalign + ([f"sms{self.sms}"] if self.sms != 132 else [])
         flags += [f"kd{self.kd:g}-fr{self.fr:g}"] if (self.kd, self.fr) != (0.8, 0.05) else []
         dtype = str(self.dtype).removeprefix("torch.")
@@ -64,8 +66,8 @@ class Case:
 
 
 # Odd sizes around the 64-row tiles, widths that do and do not allow 16-byte loads, ensembles,
-# several splits of the backward J loop (sms), zero rows; B = 1 (exactly zero teacher gradient)
-# and width-1 teachers (exactly zero gradient through normalize) test the verdict itself.
+# several splits of the backward J loop (sms), zero rows. B = 1 (exactly zero teacher gradient),
+# width-1 inputs (exactly zero gradient through normalize) and `same` test the verdict itself.
 CASES = [
     Case(1, 5, (3,), F64, teachers_grad=True, quick=True),
     Case(2, 1, (7,), F32, teachers_grad=True, grad=0.37),
@@ -85,6 +87,7 @@ CASES = [
     Case(513, 17, (9,), BF16, teachers_grad=True),
     Case(513, 16, (9,), F64, teachers_grad=True, splits=8),
     Case(600, 24, (40,), F32, teachers_grad=True),
+    Case(33, 16, (16,), F32, teachers_grad=True, same=True),
 ]
 
 
@@ -98,6 +101,8 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if case.zero_rows:
         student[[0, case.batch // 2]] = 0
         teachers[0][[case.batch // 2, case.batch - 1]] = 0
+    if case.same:
+        teachers = [student.clone()]
     return student, teachers
 
 

@@ -34,7 +34,8 @@ GRAD_TOL = {F64: 1e-10, F32: 1e-5, F16: 1e-2, BF16: 1e-2}
 @dataclass(frozen=True)
 class Case:
     """One emulator run. splits: ranges of sweep 3 forced (else rkd_splits' for sms
-    multiprocessors); dup: duplicate and zero rows (distances on the clamp); nan: one NaN input;
+    multiprocessors); dup: duplicate and zero rows (distances on the clamp); same: teacher =
+    student (x = 0: zero gradients); nan: one NaN input;
     tol: a looser tolerance where float32 itself loses digits (documented per case)."""
 
     batch: int
@@ -47,6 +48,7 @@ class Case:
     splits: int = 0
     sms: int = 132
     dup: bool = False
+    same: bool = False
     nan: bool = False
     tol: float = 0.0
     quick: bool = False
@@ -61,15 +63,16 @@ class Case:
     def id(self) -> str:
         dtypes = [str(d).removeprefix("torch.") for d in (self.student_dtype, self.teacher_dtype)]
         flags = [f"g{self.grad:g}"] if self.grad != 1.0 else []
-        flags += ["tg"] * self.teacher_grad + ["dup"] * self.dup + ["nan"] * self.nan
+        flags += ["tg"] * self.teacher_grad + ["dup"] * self.dup + ["same"] * self.same
+        flags += ["nan"] * self.nan
         flags += [f"splits{self.splits}"] if self.splits else []
         flags += [f"sms{self.sms}"] if self.sms != 132 else []
         shape = [f"B{self.batch}", f"Ds{self.student_width}", f"Dt{self.teacher_width}"]
         return "-".join([*shape, "/".join(dtypes), *flags])
 
 
-# 64-row tiles: B = 17 one partial tile, 130 three (the last 2 rows), 300 five. B = 2 (x = 0:
-# exactly zero gradients) and the dup cases test the verdict on zero results.
+# 64-row tiles: B = 17 one partial tile, 130 three (the last 2 rows), 300 five. B = 2 and `same`
+# (x = 0: exactly zero gradients) and the dup cases test the verdict on zero results.
 CASES = [
     Case(2, 7, 1, F64, F64, grad=-0.7, quick=True),
     # Width 1, two rows 0.025 apart: q = a^2 + b^2 - 2ab cancels in float32 (the CPU kernel errs
@@ -88,6 +91,7 @@ CASES = [
     Case(2, 1, 1, F32, F32, quick=True),  # B = 2, width 1: x = 0, zero gradients
     Case(130, 64, 300, F32, F32, teacher_grad=False, sms=4),
     Case(40, 8, 8, F32, F32, dup=True),
+    Case(17, 7, 7, F32, F32, same=True),
 ]
 
 
@@ -102,6 +106,8 @@ def make_inputs(case: Case) -> tuple[torch.Tensor, torch.Tensor]:
         s[11] = 0.0
         t[20] = 0.0
         s[b - 1], t[b - 1] = s[0], t[0]  # across tiles of the row sums
+    if case.same:
+        t = s.clone()
     if case.nan:
         s[b // 2, ds // 2] = float("nan")
     return s.to(case.student_dtype), t.to(case.teacher_dtype)

@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 
 #include <optional>
+#include <utility>
 
 #include "fastkd/host.h"
 
@@ -47,6 +48,28 @@ inline at::Tensor stats_from_running(const at::Tensor& z, const std::optional<at
   const at::Tensor m = mean->to(z.device(), acc).reshape({D});
   const at::Tensor v = var->to(z.device(), acc).reshape({D});
   return at::stack({m, v, m - z.select(0, 0).to(acc), (v + eps).rsqrt()});
+}
+
+// srd_forward's scalar arguments: p >= 1, and a batch of at least 2 rows for batch statistics.
+inline void check_forward_args(const at::Tensor& student, double p, bool training) {
+  TORCH_CHECK(p >= 1, "fastkd::srd: p must be >= 1, got ", p);
+  TORCH_CHECK(!training || student.size(0) >= 2,
+              "fastkd::srd: training mode needs a batch of at least 2 rows");
+}
+
+// srd_forward's (4, D) statistics of both sides: uninitialised for the kernels to fill
+// (training), or from the running buffers (eval).
+inline std::pair<at::Tensor, at::Tensor> forward_stats(
+    const at::Tensor& student, const at::Tensor& teacher, bool training,
+    const std::optional<at::Tensor>& running_mean_s, const std::optional<at::Tensor>& running_var_s,
+    const std::optional<at::Tensor>& running_mean_t, const std::optional<at::Tensor>& running_var_t,
+    double eps, at::ScalarType acc) {
+  if (training) {
+    const auto opts = student.options().dtype(acc);
+    return {at::empty({4, student.size(1)}, opts), at::empty({4, student.size(1)}, opts)};
+  }
+  return {stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student"),
+          stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher")};
 }
 
 }  // namespace srd
