@@ -6,7 +6,8 @@
 //   check_<op>_inputs(...)                     host.h checks + check_cuda_features
 //   const Launch launch(student);              guard, stream, sm_count
 //   <Op>Args a; ... a.sm_count = launch.sm_count;
-//   outputs allocated; a.workspace = launch.workspace(<op>_workspace_bytes(a, pass), student)
+//   outputs allocated; const at::Tensor ws = launch.workspace(<op>_workspace_bytes(a, pass), x);
+//   a.workspace = ws.data_ptr();
 //   launch.check(<op>_<pass>(a, launch.stream));
 #pragma once
 

@@ -50,9 +50,7 @@ class Case:
     same: bool = False
     misalign: bool = False
     quick: bool = False
-    splits: int | None = (
-        None  # the split count the launchers must choose, when the case is about it
-    )
+    expect_splits: int | None = None  # the split count the launchers must choose
 
     @property
     def id(self) -> str:
@@ -75,17 +73,17 @@ CASES = [
     Case(17, 64, (300,), BF16, teachers_grad=True, grad=-1.5, quick=True),
     Case(19, 8, (5,), F64, teachers_grad=True, fr=0.5, zero_rows=True),
     Case(19, 8, (5,), F32, teachers_grad=True, fr=0.5, zero_rows=True),
-    Case(65, 65, (63,), F64, teachers_grad=True, quick=True, splits=2),
+    Case(65, 65, (63,), F64, teachers_grad=True, quick=True, expect_splits=2),
     Case(70, 64, (40,), F16, teachers_grad=True, misalign=True, quick=True),
     Case(70, 64, (40,), F32, teachers_grad=True, misalign=True),
     Case(130, 64, (40,), F16, teachers_grad=True, quick=True),
     Case(130, 7, (1, 64, 9), F16, teachers_grad=True),
     Case(130, 300, (7,), F16, sms=1),
     Case(100, 300, (64,), F32, teachers_grad=True),
-    Case(257, 33, (8, 8, 30, 2), F32, teachers_grad=True, sms=4, quick=True, splits=2),
+    Case(257, 33, (8, 8, 30, 2), F32, teachers_grad=True, sms=4, quick=True, expect_splits=2),
     Case(300, 10, (6, 19), F64, teachers_grad=True, kd=0.9, fr=0.1),
     Case(513, 17, (9,), BF16, teachers_grad=True),
-    Case(513, 16, (9,), F64, teachers_grad=True, splits=8),
+    Case(513, 16, (9,), F64, teachers_grad=True, expect_splits=8),
     Case(600, 24, (40,), F32, teachers_grad=True),
     Case(33, 16, (16,), F32, teachers_grad=True, same=True),
 ]
@@ -182,8 +180,8 @@ def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
             # The result is returned in the input dtype: that rounding is no kernel error.
             excess = max(0.0, err - 2 * verdict.rounding_error(want, case.dtype)) / scale
             checks.append(Check(f"grad_{label}_{name}", excess, tol))
-    if case.splits is not None:
-        checks.append(Check("splits", float(out.splits != case.splits), 0.0))
+    if case.expect_splits is not None:
+        checks.append(Check("splits", float(out.splits != case.expect_splits), 0.0))
     return checks
 
 
