@@ -2,7 +2,7 @@
 dtype, odd batch sizes across the 64-row tiles, teacher gradients, opcheck, torch.compile,
 bit-identical reruns and agreement with the Triton backend. Needs a CUDA device and an extension
 built with FASTKD_BUILD_CUDA=1; every test is marked ``gpu`` (skipped without a device). Without
-a GPU the kernels themselves run on the CPU emulator: tests/test_cuda_emulator.py."""
+a GPU the kernels themselves run on the CPU emulator: tests/emulator/test_rkd_emulator.py."""
 
 import pytest
 import torch

@@ -13,19 +13,11 @@
 #include <vector>
 
 #include "fastkd/fkd_math.h"
+#include "fastkd/host.h"
 #include "sweep.h"
 
 namespace fastkd {
 namespace {
-
-constexpr int64_t kTile = 256;    // rows per block
-constexpr int64_t kPanel = 2048;  // columns per panel: GEMMs big enough for BLAS threading
-
-at::ScalarType acc_type_of(const at::Tensor& student, at::TensorList teachers) {
-  bool any_double = student.scalar_type() == at::kDouble;
-  for (const auto& t : teachers) any_double = any_double || t.scalar_type() == at::kDouble;
-  return any_double ? at::kDouble : at::kFloat;
-}
 
 // Row-normalised copy of `x` in the accumulation dtype, scaled by `scale`, written into
 // out[:, col0:col0+D]; the inverse row norms go to inv_norm (B).
@@ -81,14 +73,10 @@ Normalized normalize_inputs(const at::Tensor& student, at::TensorList teachers,
 }
 
 void check_inputs(const at::Tensor& student, at::TensorList teachers) {
-  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 1 && student.size(1) >= 1,
-              "fastkd::fkd: student must be a non-empty 2-D tensor");
-  TORCH_CHECK(!teachers.empty(), "fastkd::fkd: at least one teacher is required");
-  for (const auto& t : teachers) {
-    TORCH_CHECK(t.dim() == 2 && t.size(0) == student.size(0) && t.size(1) >= 1,
-                "fastkd::fkd: each teacher must be 2-D with the student's batch size");
-    TORCH_CHECK(t.device() == student.device(), "fastkd::fkd: teachers and student devices differ");
-  }
+  constexpr const char* op = "fastkd::fkd";
+  check_student(student, op);
+  TORCH_CHECK(!teachers.empty(), op, ": at least one teacher is required");
+  for (const auto& t : teachers) check_partner(student, t, op, "each teacher");
 }
 
 // Mean of x^2 over all entries, summed per row in a fixed order.
@@ -111,7 +99,7 @@ double mean_square(const at::Tensor& x_acc) {
 
 // One sweep over the upper triangle of the kernels. For row block I the tiles J >= I are
 // formed a column panel at a time by two GEMMs (student and teacher), so the scratch memory is
-// two kTile x kPanel panels per task whatever B is. In the panel the difference
+// two kSweepTile x kSweepPanel panels per task whatever B is. In the panel the difference
 // rho_S - rho_T is formed once and used for everything asked:
 //   value:  sum of squares, weight 1 in the diagonal block and 2 elsewhere (symmetry);
 //   grads:  acc_I += D_IJ X_J and, for J != I, acc_J += D_IJ^T X_I, where X is the normalised
@@ -126,8 +114,8 @@ double kernel_difference_sweep(const Normalized& n, bool want_value, at::Tensor*
                                at::Tensor* acc_teacher) {
   const int64_t B = n.student.size(0);
   const auto opts = n.student.options();
-  const int64_t ld = std::min(kPanel, B);
-  const int64_t blocks = (B + kTile - 1) / kTile;
+  const int64_t ld = std::min(kSweepPanel, B);
+  const int64_t blocks = (B + kSweepTile - 1) / kSweepTile;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   std::vector<double> row_sums(want_value ? B : 0, 0.0);
   // Task 0 accumulates straight into the outputs; the others into their own buffers.
@@ -141,13 +129,13 @@ double kernel_difference_sweep(const Normalized& n, bool want_value, at::Tensor*
   const bool keep_difference = acc_student || acc_teacher;
 
   at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
-    at::Tensor s_panel = at::empty({kTile, ld}, opts);
-    at::Tensor t_panel = at::empty({kTile, ld}, opts);
+    at::Tensor s_panel = at::empty({kSweepTile, ld}, opts);
+    at::Tensor t_panel = at::empty({kSweepTile, ld}, opts);
     acc_t* sp = s_panel.data_ptr<acc_t>();
     const acc_t* tp = t_panel.data_ptr<acc_t>();
     for (int64_t task = first_task; task < end_task; ++task) {
       for (const int64_t I : row_blocks_of_task(task, tasks, blocks)) {
-        const int64_t i0 = I * kTile, ni = std::min(kTile, B - i0);
+        const int64_t i0 = I * kSweepTile, ni = std::min(kSweepTile, B - i0);
         const at::Tensor a_i = n.student.narrow(0, i0, ni);
         const at::Tensor t_i = n.teachers.narrow(0, i0, ni);
         for (int64_t c0 = i0; c0 < B; c0 += ld) {

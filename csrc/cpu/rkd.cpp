@@ -16,14 +16,12 @@
 #include <cmath>
 #include <vector>
 
+#include "fastkd/host.h"
 #include "fastkd/rkd_math.h"
 #include "sweep.h"
 
 namespace fastkd {
 namespace {
-
-constexpr int64_t kTile = 256;    // rows per block
-constexpr int64_t kPanel = 2048;  // columns per panel
 
 enum class Sweep { kMeans, kLoss, kGrad };
 
@@ -62,8 +60,8 @@ void sweep(Sweep kind, const Side& s, const Side& t, RowSums* rows, GradAcc* gra
            GradAcc* grad_t) {
   const int64_t B = s.f.size(0);
   const auto opts = s.f.options();
-  const int64_t ld = std::min(kPanel, B);
-  const int64_t blocks = (B + kTile - 1) / kTile;
+  const int64_t ld = std::min(kSweepPanel, B);
+  const int64_t blocks = (B + kSweepTile - 1) / kSweepTile;
   const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), blocks));
   const acc_t* sq_s = s.sq.data_ptr<acc_t>();
   const acc_t* sq_t = t.sq.data_ptr<acc_t>();
@@ -81,13 +79,13 @@ void sweep(Sweep kind, const Side& s, const Side& t, RowSums* rows, GradAcc* gra
   }
 
   at::parallel_for(0, tasks, 1, [&](int64_t first_task, int64_t end_task) {
-    at::Tensor s_panel = at::empty({kTile, ld}, opts);
-    at::Tensor t_panel = at::empty({kTile, ld}, opts);
+    at::Tensor s_panel = at::empty({kSweepTile, ld}, opts);
+    at::Tensor t_panel = at::empty({kSweepTile, ld}, opts);
     acc_t* sp = s_panel.data_ptr<acc_t>();
     acc_t* tp = t_panel.data_ptr<acc_t>();
     for (int64_t task = first_task; task < end_task; ++task) {
       for (const int64_t I : row_blocks_of_task(task, tasks, blocks)) {
-        const int64_t i0 = I * kTile, ni = std::min(kTile, B - i0);
+        const int64_t i0 = I * kSweepTile, ni = std::min(kSweepTile, B - i0);
         for (int64_t c0 = i0; c0 < B; c0 += ld) {
           const int64_t nc = std::min(ld, B - c0);
           at::Tensor sd = s_panel.narrow(0, 0, ni).narrow(1, 0, nc);
@@ -161,16 +159,9 @@ double ordered_sum(const std::vector<double>& v) {
 }
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
-  TORCH_CHECK(student.dim() == 2 && student.size(0) >= 2 && student.size(1) >= 1,
-              "fastkd::rkd: student must be 2-D with at least 2 rows");
-  TORCH_CHECK(teacher.dim() == 2 && teacher.size(0) == student.size(0) && teacher.size(1) >= 1,
-              "fastkd::rkd: teacher must be 2-D with the student's batch size");
-  TORCH_CHECK(teacher.device() == student.device(), "fastkd::rkd: teacher and student devices differ");
-}
-
-at::ScalarType acc_type_of(const at::Tensor& student, const at::Tensor& teacher) {
-  return student.scalar_type() == at::kDouble || teacher.scalar_type() == at::kDouble ? at::kDouble
-                                                                                      : at::kFloat;
+  constexpr const char* op = "fastkd::rkd";
+  check_student(student, op, 2);
+  check_partner(student, teacher, op, "teacher");
 }
 
 // Sweeps 1 and 2: fills inv_mean and c of both sides, returns the loss.

@@ -31,8 +31,7 @@ constexpr int64_t kMaxGroups = 32;  // row groups of the forward tiles: partials
 
 void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
   srd::check_pair(student, teacher);
-  TORCH_CHECK(at::isFloatingType(student.scalar_type()),
-              "fastkd::srd: features must be a floating dtype");
+  check_float_dtype(student, "fastkd::srd", "student");
 }
 
 // Calls fn.template operator()<kIP>() with the exponent fixed at compile time for the common
@@ -142,20 +141,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> srd_forwa
     const std::optional<at::Tensor>& running_var_s, const std::optional<at::Tensor>& running_mean_t,
     const std::optional<at::Tensor>& running_var_t) {
   check_inputs(student_in, teacher_in);
-  TORCH_CHECK(p >= 1, "fastkd::srd: p must be >= 1, got ", p);
+  srd::check_forward_args(student_in, p, training);
   const int64_t B = student_in.size(0), D = student_in.size(1);
-  TORCH_CHECK(!training || B >= 2, "fastkd::srd: training mode needs a batch of at least 2 rows");
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = srd::acc_type_of(student);
+  const at::ScalarType acc = acc_type_of(student);
   const auto opts = student.options().dtype(acc);
   at::Tensor stats_s, stats_t;
-  if (training) {
-    stats_s = at::empty({4, D}, opts);
-    stats_t = at::empty({4, D}, opts);
-  } else {
-    stats_s = srd::stats_from_running(student, running_mean_s, running_var_s, eps, acc, "student");
-    stats_t = srd::stats_from_running(teacher, running_mean_t, running_var_t, eps, acc, "teacher");
-  }
+  std::tie(stats_s, stats_t) = srd::forward_stats(student, teacher, training, running_mean_s,
+                                                  running_var_s, running_mean_t, running_var_t,
+                                                  eps, acc);
   at::Tensor sums = at::empty({4, D}, opts);
   const int ip = srd::integer_power(p);
   const Tiling tiles = Tiling::make(B, D);
@@ -228,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor> srd_backward_cpu(
   check_inputs(student_in, teacher_in);
   const int64_t B = student_in.size(0), D = student_in.size(1);
   const at::Tensor student = student_in.contiguous(), teacher = teacher_in.contiguous();
-  const at::ScalarType acc = srd::acc_type_of(student);
+  const at::ScalarType acc = acc_type_of(student);
   srd::check_backward_tables(stats_s_in, stats_t_in, sums_in, D);
   const at::Tensor stats_s = stats_s_in.to(acc).contiguous();
   const at::Tensor stats_t = stats_t_in.to(acc).contiguous();

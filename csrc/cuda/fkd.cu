@@ -24,7 +24,8 @@
 // chunk loaded into registers while the current step is multiplied.
 //
 // No torch headers here (they cost minutes of nvcc time); fkd_binding.cpp wraps this for ATen.
-// FASTKD_LAUNCH and FASTKD_EMULATE let csrc/cuda/emulator run this file unchanged on the CPU.
+// FASTKD_LAUNCH (launch.h) and FASTKD_EMULATE let tools/cuda_emulator run this file unchanged on
+// the CPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -42,11 +43,6 @@
 #define FASTKD_TENSOR_CORES 0
 #else
 #define FASTKD_TENSOR_CORES 1
-#endif
-
-#ifndef FASTKD_LAUNCH
-#define FASTKD_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
 #endif
 
 namespace fastkd {
@@ -94,11 +90,6 @@ struct Traits<double> {
   static constexpr bool kTensorCores = false;
   static constexpr int kMinBlocks = 1;  // 4x4 doubles per thread need more than 128 registers
 };
-
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
 
 template <typename T>
 __device__ __forceinline__ T from_acc(typename Traits<T>::acc x);
@@ -419,19 +410,6 @@ __device__ double block_sum(double v, double* red) {
   return total;
 }
 
-// Tile p of the upper triangle, row-major: (0,0) (0,1) .. (0,nb-1) (1,1) ..
-__device__ void upper_tile(int64_t p, int64_t nb, int64_t& I, int64_t& J) {
-  // Rows before I hold first(I) = I nb - I (I - 1) / 2 tiles; the estimate is fixed up exactly.
-  auto first = [nb](int64_t i) { return i * nb - i * (i - 1) / 2; };
-  const double b = 2.0 * double(nb) + 1.0;
-  int64_t i = int64_t((b - sqrt(b * b - 8.0 * double(p))) / 2.0);
-  i = i < 0 ? 0 : (i > nb - 1 ? nb - 1 : i);
-  while (i > 0 && first(i) > p) --i;
-  while (i + 1 < nb && first(i + 1) <= p) ++i;
-  I = i;
-  J = i + (p - first(i));
-}
-
 // inv_norm[i] = 1 / max(||x_i||, eps), sum_sq[i] = ||x_i||^2 (if not null). One warp per row.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
@@ -659,118 +637,146 @@ cudaError_t allow_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes));
 }
 
+// The workspace of one pass: the row norms (all passes), the forward's tile slots, the
+// backward's split accumulators and the forward-backward's per-block slots (accumulation type
+// unless double).
+struct WorkspaceLayout {
+  void *student_inv_norm, *student_sum_sq, *teacher_inv_norm;
+  double* partial;      // forward: num_upper_tiles(B); forward-backward: splits * row blocks
+  void* acc_student;    // splits x B x Ds
+  void* acc_teachers;   // splits x B x sum(Dt_e), when teachers_grad
+  size_t bytes;
+};
+
+WorkspaceLayout layout_of(const FkdArgs& a, Pass pass, void* base) {
+  const size_t as = acc_size_of(a.dtype), B = size_t(a.batch);
+  const size_t splits = pass == Pass::kForward ? 0 : size_t(fkd_splits(a));
+  Workspace ws(base);
+  WorkspaceLayout l{};
+  l.student_inv_norm = ws.take_bytes(B, as);
+  l.student_sum_sq = ws.take_bytes(B, as);
+  l.teacher_inv_norm = ws.take_bytes(size_t(a.num_teachers) * B, as);
+  if (pass == Pass::kForward) l.partial = ws.take<double>(size_t(num_upper_tiles(a.batch)));
+  if (pass == Pass::kForwardBackward)
+    l.partial = ws.take<double>(splits * size_t(num_row_blocks(a.batch)));
+  if (pass != Pass::kForward) {
+    l.acc_student = ws.take_bytes(splits * B * size_t(a.student_width), as);
+    if (a.teachers_grad)
+      l.acc_teachers = ws.take_bytes(splits * B * size_t(a.teacher_total_width), as);
+  }
+  l.bytes = ws.bytes();
+  return l;
+}
+
+// The kernels' copy of the arguments, with the row-norm pointers into the workspace.
+FkdArgs with_norms(const FkdArgs& args, const WorkspaceLayout& l) {
+  FkdArgs a = args;
+  a.student_inv_norm = l.student_inv_norm;
+  a.student_sum_sq = l.student_sum_sq;
+  a.teacher_inv_norm = l.teacher_inv_norm;
+  return a;
+}
+
 template <typename T>
-cudaError_t forward(const FkdArgs& a, double kd_weight, double fr_weight, double* partial,
-                    void* loss, cudaStream_t stream) {
+cudaError_t forward(const FkdArgs& args, cudaStream_t stream) {
   using acc_t = typename Traits<T>::acc;
   constexpr size_t smem = Layout<T>::kForwardBytes;
   if (cudaError_t err = allow_smem(fkd_forward_kernel<T>, smem); err != cudaSuccess) return err;
+  const WorkspaceLayout l = layout_of(args, Pass::kForward, args.workspace);
+  const FkdArgs a = with_norms(args, l);
   launch_row_norms<T>(a, stream);
   const int64_t tiles = num_upper_tiles(a.batch);
   FASTKD_LAUNCH(fkd_forward_kernel<T>, unsigned(tiles), kThreads, smem, stream, a,
-                num_row_blocks(a.batch), partial);
-  FASTKD_LAUNCH(fkd_loss_kernel<acc_t>, 1, kThreads, 0, stream, partial, tiles,
+                num_row_blocks(a.batch), l.partial);
+  FASTKD_LAUNCH(fkd_loss_kernel<acc_t>, 1, kThreads, 0, stream, l.partial, tiles,
                 static_cast<const acc_t*>(a.student_sum_sq), a.batch, a.student_width,
-                kd_weight, fr_weight, static_cast<acc_t*>(loss));
+                a.kd_weight, a.fr_weight, static_cast<acc_t*>(a.loss));
   return cudaSuccess;
 }
 
-// Gradients (scaled by *grad, or 1 when grad is null); with `partial` and `loss` also the loss
-// of the same sweep.
+// Gradients (scaled by *grad, or 1 when grad is null); for kForwardBackward also the loss of the
+// same sweep.
 template <typename T>
-cudaError_t backward(const FkdArgs& a, double kd_weight, double fr_weight, const void* grad,
-                     int splits, void* acc_student, void* acc_teachers, bool teachers_grad,
-                     void* grad_student, void* const* grad_teachers, double* partial, void* loss,
-                     cudaStream_t stream) {
+cudaError_t backward(const FkdArgs& args, Pass pass, cudaStream_t stream) {
   using acc_t = typename Traits<T>::acc;
   constexpr size_t smem = Layout<T>::kBackwardBytes;
   if (cudaError_t err = allow_smem(fkd_backward_kernel<T>, smem); err != cudaSuccess) return err;
+  const WorkspaceLayout l = layout_of(args, pass, args.workspace);
+  const FkdArgs a = with_norms(args, l);
+  const int splits = fkd_splits(a);
   const int64_t B = a.batch, Ds = a.student_width, Dt = a.teacher_total_width;
-  if (cudaError_t err = cudaMemsetAsync(acc_student, 0, sizeof(acc_t) * splits * B * Ds, stream);
+  if (cudaError_t err = cudaMemsetAsync(l.acc_student, 0, sizeof(acc_t) * splits * B * Ds, stream);
       err != cudaSuccess) {
     return err;
   }
-  if (teachers_grad) {
-    if (cudaError_t err = cudaMemsetAsync(acc_teachers, 0, sizeof(acc_t) * splits * B * Dt, stream);
+  if (a.teachers_grad) {
+    if (cudaError_t err =
+            cudaMemsetAsync(l.acc_teachers, 0, sizeof(acc_t) * splits * B * Dt, stream);
         err != cudaSuccess) {
       return err;
     }
   }
   launch_row_norms<T>(a, stream);
   const int64_t nb = num_row_blocks(B);
+  const bool with_loss = pass == Pass::kForwardBackward;
   FASTKD_LAUNCH(fkd_backward_kernel<T>, dim3(unsigned(nb), unsigned(splits)), kThreads, smem,
-                stream, a, nb, splits, static_cast<acc_t*>(acc_student),
-                static_cast<acc_t*>(acc_teachers), teachers_grad, partial);
-  if (partial != nullptr) {
-    FASTKD_LAUNCH(fkd_loss_kernel<acc_t>, 1, kThreads, 0, stream, partial, nb * splits,
-                  static_cast<const acc_t*>(a.student_sum_sq), B, Ds, kd_weight, fr_weight,
-                  static_cast<acc_t*>(loss));
+                stream, a, nb, splits, static_cast<acc_t*>(l.acc_student),
+                static_cast<acc_t*>(l.acc_teachers), a.teachers_grad,
+                with_loss ? l.partial : nullptr);
+  if (with_loss) {
+    FASTKD_LAUNCH(fkd_loss_kernel<acc_t>, 1, kThreads, 0, stream, l.partial, nb * splits,
+                  static_cast<const acc_t*>(a.student_sum_sq), B, Ds, a.kd_weight, a.fr_weight,
+                  static_cast<acc_t*>(a.loss));
   }
   const unsigned rows_grid = unsigned((B + kWarps - 1) / kWarps);
-  const acc_t* g = static_cast<const acc_t*>(grad);
+  const acc_t* g = with_loss ? nullptr : static_cast<const acc_t*>(a.grad);
   FASTKD_LAUNCH(normalize_backward_kernel<T>, rows_grid, kThreads, 0, stream,
-                static_cast<const acc_t*>(acc_student), splits, B * Ds, Ds,
+                static_cast<const acc_t*>(l.acc_student), splits, B * Ds, Ds,
                 static_cast<const T*>(a.student), B, Ds,
-                static_cast<const acc_t*>(a.student_inv_norm), g, kd_weight, fr_weight, 0,
-                static_cast<T*>(grad_student));
-  if (teachers_grad) {
+                static_cast<const acc_t*>(a.student_inv_norm), g, a.kd_weight, a.fr_weight, 0,
+                static_cast<T*>(a.grad_student));
+  if (a.teachers_grad) {
     for (int e = 0; e < a.num_teachers; ++e) {
       FASTKD_LAUNCH(normalize_backward_kernel<T>, rows_grid, kThreads, 0, stream,
-                    static_cast<const acc_t*>(acc_teachers) + a.teacher_col0[e], splits, B * Dt,
-                    Dt, static_cast<const T*>(a.teacher[e]), B, a.teacher_width[e],
-                    static_cast<const acc_t*>(a.teacher_inv_norm) + e * B, g, kd_weight,
-                    fr_weight, a.num_teachers, static_cast<T*>(grad_teachers[e]));
+                    static_cast<const acc_t*>(l.acc_teachers) + a.teacher_col0[e], splits,
+                    B * Dt, Dt, static_cast<const T*>(a.teacher[e]), B, a.teacher_width[e],
+                    static_cast<const acc_t*>(a.teacher_inv_norm) + e * B, g, a.kd_weight,
+                    a.fr_weight, a.num_teachers, static_cast<T*>(a.grad_teacher[e]));
     }
   }
   return cudaSuccess;
 }
 
-template <typename F>
-cudaError_t dispatch(DType t, F&& f) {
-  switch (t) {
-    case DType::kHalf:
-      return f(__half());
-    case DType::kBFloat16:
-      return f(__nv_bfloat16());
-    case DType::kFloat:
-      return f(float());
-    case DType::kDouble:
-      return f(double());
-  }
-  return cudaErrorInvalidValue;
-}
-
 }  // namespace
 
-cudaError_t fkd_forward(const FkdArgs& args, double kd_weight, double fr_weight,
-                        double* tile_partials, void* loss, cudaStream_t stream) {
-  return dispatch(args.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    return forward<T>(args, kd_weight, fr_weight, tile_partials, loss, stream);
-  });
+int fkd_splits(const FkdArgs& args) {
+  if (args.splits > 0) return args.splits < kMaxSplits ? args.splits : kMaxSplits;
+  return backward_splits(args.batch, args.dtype, args.sm_count);
 }
 
-cudaError_t fkd_backward(const FkdArgs& args, double kd_weight, double fr_weight,
-                         const void* grad, int splits, void* acc_student, void* acc_teachers,
-                         bool teachers_grad, void* grad_student, void* const* grad_teachers,
-                         cudaStream_t stream) {
-  return dispatch(args.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    return backward<T>(args, kd_weight, fr_weight, grad, splits, acc_student, acc_teachers,
-                       teachers_grad, grad_student, grad_teachers, nullptr, nullptr, stream);
-  });
+size_t fkd_workspace_bytes(const FkdArgs& args, Pass pass) {
+  return layout_of(args, pass, nullptr).bytes;
 }
 
-cudaError_t fkd_forward_backward(const FkdArgs& args, double kd_weight, double fr_weight,
-                                 int splits, double* block_partials, void* loss,
-                                 void* acc_student, void* acc_teachers, bool teachers_grad,
-                                 void* grad_student, void* const* grad_teachers,
-                                 cudaStream_t stream) {
-  return dispatch(args.dtype, [&](auto zero) {
+cudaError_t fkd_forward(const FkdArgs& args, cudaStream_t stream) {
+  return launch_status(dispatch(args.dtype, [&](auto zero) {
     using T = decltype(zero);
-    return backward<T>(args, kd_weight, fr_weight, nullptr, splits, acc_student, acc_teachers,
-                       teachers_grad, grad_student, grad_teachers, block_partials, loss, stream);
-  });
+    return forward<T>(args, stream);
+  }));
+}
+
+cudaError_t fkd_backward(const FkdArgs& args, cudaStream_t stream) {
+  return launch_status(dispatch(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return backward<T>(args, Pass::kBackward, stream);
+  }));
+}
+
+cudaError_t fkd_forward_backward(const FkdArgs& args, cudaStream_t stream) {
+  return launch_status(dispatch(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    return backward<T>(args, Pass::kForwardBackward, stream);
+  }));
 }
 
 }  // namespace cuda

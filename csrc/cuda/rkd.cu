@@ -18,7 +18,7 @@
 //   write_grad_kernel: grad f_i = 4 g (r_i f_i - (W F)_i), summing the ranges in order, written in
 //                    the input's dtype; g is read on the device (no host sync).
 // The per-element math is csrc/include/fastkd/rkd_math.h, shared with the CPU kernel.
-// FASTKD_LAUNCH lets csrc/cuda/emulator run this file unchanged on the CPU (as for fkd.cu).
+// FASTKD_LAUNCH (launch.h) lets tools/cuda_emulator run this file unchanged on the CPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -28,20 +28,14 @@
 #include "fastkd/rkd_math.h"
 #include "rkd_cuda.h"
 
-#ifndef FASTKD_LAUNCH
-#define FASTKD_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
-#endif
-
 namespace fastkd {
-namespace rkd_cuda {
+namespace cuda {
 namespace {
 
 constexpr int kSide = 16;                // threads per block side (16 x 16)
 constexpr int kThreads = kSide * kSide;  // 256
 constexpr int kPad = int(kTile) + 1;     // padded row of a shared w tile
 constexpr int kRowsPerSqBlock = 8;       // warps (rows) per sq_kernel block
-constexpr int64_t kMaxSplits = 8;        // accumulators of sweep 3, at most
 
 // Features per shared-memory step: 64 bytes per row.
 template <typename T>
@@ -60,33 +54,6 @@ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? 
 
 __device__ __forceinline__ int thread_id() {
   return int(threadIdx.y) * int(blockDim.x) + int(threadIdx.x);
-}
-
-template <typename V>
-__device__ __forceinline__ void store(__half* p, V v) {
-  *p = __float2half_rn(float(v));
-}
-template <typename V>
-__device__ __forceinline__ void store(__nv_bfloat16* p, V v) {
-  *p = __float2bfloat16_rn(float(v));
-}
-template <typename V>
-__device__ __forceinline__ void store(float* p, V v) {
-  *p = float(v);
-}
-template <typename V>
-__device__ __forceinline__ void store(double* p, V v) {
-  *p = double(v);
-}
-
-// The upper-triangle tile (I, J >= I) numbered t, row by row.
-__device__ __forceinline__ void tile_of(int64_t t, int64_t nb, int64_t& I, int64_t& J) {
-  I = 0;
-  while (t >= nb - I) {
-    t -= nb - I;
-    ++I;
-  }
-  J = I + t;
 }
 
 // acc[m][n] = f_i . f_j for i = i0 + ty + 16m, j = j0 + tx + 16n (0 beyond B). sa, sb: shared
@@ -165,7 +132,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ double red[3][kThreads];
   const int tx = threadIdx.x, ty = threadIdx.y;
   int64_t I, J;
-  tile_of(blockIdx.x, (B + kTile - 1) / kTile, I, J);
+  upper_tile(blockIdx.x, num_row_blocks(B), I, J);
   const int64_t i0 = I * kTile, j0 = J * kTile;
   T dot_s[4][4], dot_t[4][4];
   dot_tile(fs, B, Ds, i0, j0, sa, sb, dot_s);
@@ -341,35 +308,48 @@ __global__ void __launch_bounds__(kThreads)
   store(out + idx, (f[idx] * r - wf) * (T(4) * g));
 }
 
-struct Layout {
-  size_t scal, part, sq_s, sq_t, r, acc_s, acc_t, total;
+// Sweep 3's split of the column blocks: n_splits ranges of j_per_split blocks (the last may be
+// shorter).
+struct Plan {
+  int64_t j_per_split;
+  int64_t n_splits;
 };
 
-Layout layout_of(const Plan& plan, bool is_double, bool gradients, bool teacher_grad) {
-  const size_t es = is_double ? sizeof(double) : sizeof(float);
-  const size_t B = size_t(plan.batch), splits = size_t(plan.n_splits);
-  const auto align = [](size_t x) { return (x + 255) / 256 * 256; };
-  Layout l{};
-  size_t off = 0;
-  l.scal = off;
-  off = align(off + kNumScalars * sizeof(double));
-  l.part = off;
-  off = align(off + 3 * size_t(num_upper_tiles(plan.batch)) * sizeof(double));
-  l.sq_s = off;
-  off = align(off + B * es);
-  l.sq_t = off;
-  off = align(off + B * es);
-  if (gradients) {
-    l.r = off;
-    off = align(off + splits * 2 * B * es);
-    l.acc_s = off;
-    off = align(off + splits * B * size_t(plan.width_s) * es);
-    if (teacher_grad) {
-      l.acc_t = off;
-      off = align(off + splits * B * size_t(plan.width_t) * es);
-    }
+Plan plan_of(const RkdArgs& a) {
+  const int64_t nb = num_row_blocks(a.batch);
+  int64_t splits = a.splits;
+  if (splits <= 0)  // ~2 blocks per SM
+    splits = std::clamp<int64_t>((2 * int64_t(a.sm_count) + nb - 1) / nb, 1, kMaxSplits);
+  splits = std::clamp<int64_t>(splits, 1, std::min<int64_t>(nb, kMaxSplits));
+  const int64_t per_split = (nb + splits - 1) / splits;
+  return {per_split, (nb + per_split - 1) / per_split};
+}
+
+// The workspace: the device scalars, the tile slots of sweeps 1 and 2, the squared row norms
+// and, for the gradients, sweep 3's row sums and accumulators (operand dtype T).
+struct WorkspaceLayout {
+  double* scal;
+  double* part;
+  void *sq_s, *sq_t, *r, *acc_s, *acc_t;
+  size_t bytes;
+};
+
+WorkspaceLayout layout_of(const RkdArgs& a, Pass pass, void* base) {
+  const size_t es = size_of(a.dtype);
+  const size_t B = size_t(a.batch), splits = size_t(plan_of(a).n_splits);
+  Workspace ws(base);
+  WorkspaceLayout l{};
+  l.scal = ws.take<double>(kNumScalars);
+  l.part = ws.take<double>(3 * size_t(num_upper_tiles(a.batch)));
+  l.sq_s = ws.take_bytes(B, es);
+  l.sq_t = ws.take_bytes(B, es);
+  if (pass != Pass::kForward) {
+    l.r = ws.take_bytes(splits * 2 * B, es);
+    l.acc_s = ws.take_bytes(splits * B * size_t(a.student_width), es);
+    if (a.grad_teacher != nullptr)
+      l.acc_t = ws.take_bytes(splits * B * size_t(a.teacher_width), es);
   }
-  l.total = off;
+  l.bytes = ws.bytes();
   return l;
 }
 
@@ -386,32 +366,25 @@ void launch_write_grad(const T* f, int64_t B, int64_t D, const T* r_part, const 
 template <typename T>
 void write_grad(DType out_dtype, const T* f, int64_t B, int64_t D, const T* r_part, const T* acc,
                 int64_t n_splits, const T* grad, void* out, cudaStream_t stream) {
-  switch (out_dtype) {
-    case DType::kHalf:
-      launch_write_grad<T, __half>(f, B, D, r_part, acc, n_splits, grad, out, stream);
-      break;
-    case DType::kBFloat16:
-      launch_write_grad<T, __nv_bfloat16>(f, B, D, r_part, acc, n_splits, grad, out, stream);
-      break;
-    case DType::kFloat:
-      launch_write_grad<T, float>(f, B, D, r_part, acc, n_splits, grad, out, stream);
-      break;
-    case DType::kDouble:
-      launch_write_grad<T, double>(f, B, D, r_part, acc, n_splits, grad, out, stream);
-      break;
-  }
+  dispatch(out_dtype, [&](auto zero) {
+    using out_t = decltype(zero);
+    launch_write_grad<T, out_t>(f, B, D, r_part, acc, n_splits, grad, out, stream);
+  });
 }
 
+// Sweeps 1 and 2, then, unless pass is kForward, sweep 3. `grad`: the upstream gradient (kBackward)
+// or null (1).
 template <typename T>
-void launch_all(const Args& a, const Plan& plan, cudaStream_t stream) {
-  const int64_t B = plan.batch, Ds = plan.width_s, Dt = plan.width_t;
-  const bool gradients = a.grad_student != nullptr, teacher_grad = a.grad_teacher != nullptr;
-  const Layout l = layout_of(plan, a.is_double, gradients, teacher_grad);
-  unsigned char* ws = static_cast<unsigned char*>(a.workspace);
-  auto* scal = reinterpret_cast<double*>(ws + l.scal);
-  auto* part = reinterpret_cast<double*>(ws + l.part);
-  auto* sq_s = reinterpret_cast<T*>(ws + l.sq_s);
-  auto* sq_t = reinterpret_cast<T*>(ws + l.sq_t);
+void launch_all(const RkdArgs& a, Pass pass, cudaStream_t stream) {
+  const int64_t B = a.batch, Ds = a.student_width, Dt = a.teacher_width;
+  const bool gradients = pass != Pass::kForward;
+  const bool teacher_grad = gradients && a.grad_teacher != nullptr;
+  const WorkspaceLayout l = layout_of(a, pass, a.workspace);
+  const Plan plan = plan_of(a);
+  auto* scal = l.scal;
+  auto* part = l.part;
+  auto* sq_s = static_cast<T*>(l.sq_s);
+  auto* sq_t = static_cast<T*>(l.sq_t);
   const auto* fs = static_cast<const T*>(a.student);
   const auto* ft = static_cast<const T*>(a.teacher);
   const int64_t n_tiles = num_upper_tiles(B), nb = num_row_blocks(B);
@@ -442,9 +415,9 @@ void launch_all(const Args& a, const Plan& plan, cudaStream_t stream) {
   if (!gradients) return;
 
   // Sweep 3: the gradients.
-  auto* r_part = reinterpret_cast<T*>(ws + l.r);
-  auto* acc_s = reinterpret_cast<T*>(ws + l.acc_s);
-  auto* acc_t = teacher_grad ? reinterpret_cast<T*>(ws + l.acc_t) : nullptr;
+  auto* r_part = static_cast<T*>(l.r);
+  auto* acc_s = static_cast<T*>(l.acc_s);
+  auto* acc_t = teacher_grad ? static_cast<T*>(l.acc_t) : nullptr;
   const dim3 grad_grid(static_cast<unsigned>(nb), static_cast<unsigned>(plan.n_splits));
 #define FASTKD_RKD_GRAD_ARGS \
   fs, ft, B, Ds, Dt, plan.j_per_split, sq_s, sq_t, scal, r_part, acc_s, acc_t
@@ -458,41 +431,41 @@ void launch_all(const Args& a, const Plan& plan, cudaStream_t stream) {
 #undef FASTKD_RKD_GRAD_KERNEL
   }
 #undef FASTKD_RKD_GRAD_ARGS
-  const auto* grad = static_cast<const T*>(a.grad);
-  write_grad<T>(a.out_s, fs, B, Ds, r_part, acc_s, plan.n_splits, grad, a.grad_student, stream);
+  const auto* grad = pass == Pass::kBackward ? static_cast<const T*>(a.grad) : nullptr;
+  write_grad<T>(a.grad_student_dtype, fs, B, Ds, r_part, acc_s, plan.n_splits, grad,
+                a.grad_student, stream);
   if (teacher_grad)
-    write_grad<T>(a.out_t, ft, B, Dt, r_part + B, acc_t, plan.n_splits, grad, a.grad_teacher,
-                  stream);
+    write_grad<T>(a.grad_teacher_dtype, ft, B, Dt, r_part + B, acc_t, plan.n_splits, grad,
+                  a.grad_teacher, stream);
+}
+
+cudaError_t run(const RkdArgs& a, Pass pass, cudaStream_t stream) {
+  if (a.dtype == DType::kDouble)
+    launch_all<double>(a, pass, stream);
+  else
+    launch_all<float>(a, pass, stream);
+  return launch_status();
 }
 
 }  // namespace
 
-Plan make_plan(int64_t batch, int64_t width_s, int64_t width_t, int device, int64_t splits) {
-  const int64_t nb = num_row_blocks(batch);
-  if (splits <= 0) {
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-      cudaGetLastError();  // clear it: the plan only tunes the split
-      sms = 80;
-    }
-    splits = std::clamp<int64_t>((2 * int64_t(sms) + nb - 1) / nb, 1, kMaxSplits);  // ~2 per SM
-  }
-  splits = std::clamp<int64_t>(splits, 1, nb);
-  const int64_t per_split = (nb + splits - 1) / splits;
-  return {batch, width_s, width_t, per_split, (nb + per_split - 1) / per_split};
+int64_t rkd_splits(const RkdArgs& args) { return plan_of(args).n_splits; }
+
+size_t rkd_workspace_bytes(const RkdArgs& args, Pass pass) {
+  return layout_of(args, pass, nullptr).bytes;
 }
 
-size_t workspace_bytes(const Plan& plan, bool is_double, bool gradients, bool teacher_grad) {
-  return layout_of(plan, is_double, gradients, teacher_grad).total;
+cudaError_t rkd_forward(const RkdArgs& args, cudaStream_t stream) {
+  return run(args, Pass::kForward, stream);
 }
 
-cudaError_t run(const Args& args, const Plan& plan, cudaStream_t stream) {
-  if (args.is_double)
-    launch_all<double>(args, plan, stream);
-  else
-    launch_all<float>(args, plan, stream);
-  return cudaGetLastError();
+cudaError_t rkd_backward(const RkdArgs& args, cudaStream_t stream) {
+  return run(args, Pass::kBackward, stream);
 }
 
-}  // namespace rkd_cuda
+cudaError_t rkd_forward_backward(const RkdArgs& args, cudaStream_t stream) {
+  return run(args, Pass::kForwardBackward, stream);
+}
+
+}  // namespace cuda
 }  // namespace fastkd

@@ -1,10 +1,11 @@
-// Host interface of the RKD-distance CUDA kernels (csrc/cuda/rkd.cu): plain pointers and a
-// stream, so that the .cu file compiles without torch headers. The at::Tensor side is
-// csrc/cuda/rkd_binding.cpp.
+// Host interface of the RKD-distance CUDA kernels (rkd.cu): plain pointers and a stream, so that
+// the .cu file compiles without torch headers. The at::Tensor side is rkd_binding.cpp; the shape
+// every op follows is described in launch.h.
 //
 // The features arrive in the operand dtype: double when any input is float64, float otherwise
 // (the binding converts half, bfloat16 and mixed inputs once, O(B*D)). The gradients are written
-// in each input's own dtype (`out_s`, `out_t`). Layouts are row-major and contiguous.
+// in each input's own dtype (`grad_student_dtype`, `grad_teacher_dtype`). Layouts are row-major
+// and contiguous.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -12,54 +13,44 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "dtype.h"
+#include "launch.h"
 
 namespace fastkd {
-namespace rkd_cuda {
+namespace cuda {
 
-using DType = ::fastkd::CudaDType;
-
-constexpr int64_t kTile = 64;  // rows (and columns) of a distance tile
-
-inline int64_t num_row_blocks(int64_t batch) { return (batch + kTile - 1) / kTile; }
-inline int64_t num_upper_tiles(int64_t batch) {
-  const int64_t nb = num_row_blocks(batch);
-  return nb * (nb + 1) / 2;
-}
-
-// Sweep 3 cuts the column blocks J of each row block into n_splits ranges of j_per_split blocks
-// (the last may be shorter), each range handled by its own block with its own accumulator, so
-// that small batches still fill the GPU.
-struct Plan {
-  int64_t batch;
-  int64_t width_s;
-  int64_t width_t;
-  int64_t j_per_split;
-  int64_t n_splits;
+struct RkdArgs {
+  DType dtype = DType::kFloat;     // operand dtype: kDouble or kFloat
+  int64_t batch = 0;               // B >= 2
+  int64_t student_width = 0;       // Ds
+  int64_t teacher_width = 0;       // Dt
+  const void* student = nullptr;   // (B, Ds), operand dtype
+  const void* teacher = nullptr;   // (B, Dt), operand dtype
+  void* loss = nullptr;            // 0-dim, operand dtype; may be null in rkd_backward
+  const void* grad = nullptr;      // rkd_backward: 0-dim upstream gradient, operand dtype; null: 1
+  void* grad_student = nullptr;    // (B, Ds) in grad_student_dtype
+  void* grad_teacher = nullptr;    // (B, Dt) in grad_teacher_dtype; null: not wanted
+  DType grad_student_dtype = DType::kFloat, grad_teacher_dtype = DType::kFloat;
+  int sm_count = 1;                // multiprocessors of the device: rkd_splits
+  int splits = 0;                  // > 0: this many ranges instead (the emulator)
+  void* workspace = nullptr;       // rkd_workspace_bytes(*this, pass) bytes
 };
 
-// make_plan's split for `sm_count` multiprocessors of device `device` (or `splits` splits when
-// splits > 0, as the emulator asks).
-Plan make_plan(int64_t batch, int64_t width_s, int64_t width_t, int device, int64_t splits = 0);
+// Sweep 3 cuts the column blocks J of each row block into ranges, each handled by its own block
+// with its own accumulator, so that small batches still fill the GPU: about 2 blocks per SM, at
+// most kMaxSplits and one row block per range (or args.splits, clamped the same way).
+int64_t rkd_splits(const RkdArgs& args);
 
-// Bytes of the workspace the caller allocates (no initialisation needed) for one call of run().
-size_t workspace_bytes(const Plan& plan, bool is_double, bool gradients, bool teacher_grad);
+size_t rkd_workspace_bytes(const RkdArgs& args, Pass pass);
 
-struct Args {
-  bool is_double = false;     // operand dtype: double, else float
-  const void* student = nullptr;  // (B, Ds), operand dtype
-  const void* teacher = nullptr;  // (B, Dt), operand dtype
-  void* loss = nullptr;       // 0-dim, operand dtype; may be null (not wanted)
-  const void* grad = nullptr; // 0-dim upstream gradient, operand dtype; null means 1
-  void* grad_student = nullptr;  // (B, Ds) in out_s; null: forward only
-  void* grad_teacher = nullptr;  // (B, Dt) in out_t; null: no teacher gradient
-  DType out_s = DType::kFloat, out_t = DType::kFloat;
-  void* workspace = nullptr;  // workspace_bytes(plan, is_double, grad_student, grad_teacher)
-};
+// Sweeps 1 and 2: the means, then the loss.
+cudaError_t rkd_forward(const RkdArgs& args, cudaStream_t stream);
 
-// Sweeps 1 and 2 (the means, the loss and the c terms), then, when grad_student is set, sweep 3
-// (the gradients). Everything is queued on `stream`; no host synchronisation.
-cudaError_t run(const Args& args, const Plan& plan, cudaStream_t stream);
+// Sweeps 1 and 2 (the c terms; the loss too when args.loss is set), then sweep 3: the gradients
+// scaled by *args.grad.
+cudaError_t rkd_backward(const RkdArgs& args, cudaStream_t stream);
 
-}  // namespace rkd_cuda
+// Loss and gradients (grad = 1) from the same sweeps.
+cudaError_t rkd_forward_backward(const RkdArgs& args, cudaStream_t stream);
+
+}  // namespace cuda
 }  // namespace fastkd

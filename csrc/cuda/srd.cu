@@ -1,7 +1,7 @@
 // SRD (SPEC §3) CUDA kernels: LogSum of batch-normalised features, fused.
 //
 // Blocks are kCols columns x kLanes row lanes: a warp reads kCols consecutive columns of one row
-// (coalesced), each lane strides over the rows of its split. The batch is cut into Plan::n_splits
+// (coalesced), each lane strides over the rows of its split. The batch is cut into srd_splits()
 // row splits so that narrow features still fill the GPU; every cross-thread and cross-split
 // reduction runs in a fixed order, so results are run-to-run identical.
 //   forward_stats: stats_partial_kernel (shifted Welford per lane, Chan's merge over the lanes)
@@ -10,7 +10,7 @@
 //                  (one block: column sums, S in double, the loss)
 //   backward:      backward_kernel, one elementwise pass recomputing h.
 // The per-element math is csrc/include/fastkd/srd_math.h, shared with the CPU kernels.
-// FASTKD_LAUNCH lets csrc/cuda/emulator run this file unchanged on the CPU (as for fkd.cu).
+// FASTKD_LAUNCH (launch.h) lets tools/cuda_emulator run this file unchanged on the CPU.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -20,13 +20,8 @@
 #include "fastkd/srd_math.h"
 #include "srd_cuda.h"
 
-#ifndef FASTKD_LAUNCH
-#define FASTKD_LAUNCH(kernel, grid, block, smem, stream, ...) \
-  kernel<<<(grid), (block), (smem), (stream)>>>(__VA_ARGS__)
-#endif
-
 namespace fastkd {
-namespace srd_cuda {
+namespace cuda {
 namespace {
 
 constexpr int kCols = 32;               // columns per block (one warp wide)
@@ -43,17 +38,28 @@ struct AccOf<double> {
   using type = double;
 };
 
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-
-__device__ __forceinline__ void store(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
-__device__ __forceinline__ void store(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store(double* p, double v) { *p = v; }
-
 __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+// How the batch is cut: n_splits slices of rows_per_split rows (the last may be shorter).
+struct Plan {
+  int64_t batch;
+  int64_t width;
+  int64_t rows_per_split;
+  int64_t n_splits;
+};
+
+Plan plan_of(const SrdArgs& a) {
+  int64_t splits = a.splits;
+  if (splits <= 0) {
+    const int64_t col_blocks = (a.width + kCols - 1) / kCols;
+    const int64_t wanted = (4 * int64_t(a.sm_count) + col_blocks - 1) / col_blocks;  // ~4 per SM
+    const int64_t max_splits = std::max<int64_t>(1, a.batch / kMinRowsPerSplit);
+    splits = std::clamp<int64_t>(wanted, 1, max_splits);
+  }
+  splits = std::clamp<int64_t>(splits, 1, a.batch);
+  const int64_t rows = (a.batch + splits - 1) / splits;
+  return {a.batch, a.width, rows, (a.batch + rows - 1) / rows};
+}
 
 
 // Per-lane shifted Welford over the split's rows, then Chan's merge of the kLanes lanes in lane
@@ -320,62 +326,42 @@ void launch_backward(const void* grad, const void* total, const void* student, c
 #undef FASTKD_SRD_BACKWARD
 }
 
-// Calls fn.template operator()<scalar_t>() for the features dtype.
-template <typename Fn>
-void dispatch(DType dtype, Fn&& fn) {
-  switch (dtype) {
-    case DType::kHalf: fn.template operator()<__half>(); break;
-    case DType::kBFloat16: fn.template operator()<__nv_bfloat16>(); break;
-    case DType::kFloat: fn.template operator()<float>(); break;
-    case DType::kDouble: fn.template operator()<double>(); break;
-  }
-}
-
 }  // namespace
 
-Plan make_plan(int64_t batch, int64_t width, int device) {
-  int sms = 0;
-  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
-    cudaGetLastError();  // clear it: the plan only tunes the split
-    sms = 80;
-  }
-  const int64_t col_blocks = (width + kCols - 1) / kCols;
-  const int64_t wanted = (4 * int64_t(sms) + col_blocks - 1) / col_blocks;  // ~4 blocks per SM
-  const int64_t max_splits = std::max<int64_t>(1, batch / kMinRowsPerSplit);
-  const int64_t splits = std::clamp<int64_t>(wanted, 1, max_splits);
-  const int64_t rows = (batch + splits - 1) / splits;
-  return {batch, width, rows, (batch + rows - 1) / rows};
+int64_t srd_splits(const SrdArgs& args) { return plan_of(args).n_splits; }
+
+size_t srd_workspace_bytes(const SrdArgs& args, Pass pass) {
+  // The forward's partial sums: 4 values per split and column (stats: 2 sides x mean, m2;
+  // sums: |d|^p, h, h*s, h*t). The backward is one elementwise pass and needs none.
+  Workspace ws(nullptr);
+  if (pass != Pass::kBackward)
+    ws.take_bytes(4 * size_t(plan_of(args).n_splits) * size_t(args.width), acc_size_of(args.dtype));
+  return ws.bytes();
 }
 
-cudaError_t forward_stats(DType dtype, const void* student, const void* teacher, const Plan& plan,
-                          double eps, void* workspace, void* stats_s, void* stats_t,
-                          cudaStream_t stream) {
-  dispatch(dtype, [&]<typename scalar_t>() {
-    launch_stats<scalar_t>(student, teacher, plan, eps, workspace, stats_s, stats_t, stream);
+cudaError_t srd_forward(const SrdArgs& a, cudaStream_t stream) {
+  const Plan plan = plan_of(a);
+  dispatch(a.dtype, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    if (a.training)
+      launch_stats<scalar_t>(a.student, a.teacher, plan, a.eps, a.workspace, a.stats_s, a.stats_t,
+                             stream);
+    launch_sums<scalar_t>(a.student, a.teacher, plan, a.p, a.stats_s, a.stats_t, a.workspace,
+                          a.sums, a.total, a.loss, stream);
   });
-  return cudaGetLastError();
+  return launch_status();
 }
 
-cudaError_t forward_sums(DType dtype, const void* student, const void* teacher, const Plan& plan,
-                         double p, const void* stats_s, const void* stats_t, void* workspace,
-                         void* sums, void* total, void* loss, cudaStream_t stream) {
-  dispatch(dtype, [&]<typename scalar_t>() {
-    launch_sums<scalar_t>(student, teacher, plan, p, stats_s, stats_t, workspace, sums, total,
-                          loss, stream);
+cudaError_t srd_backward(const SrdArgs& a, cudaStream_t stream) {
+  const Plan plan = plan_of(a);
+  dispatch(a.dtype, [&](auto zero) {
+    using scalar_t = decltype(zero);
+    launch_backward<scalar_t>(a.grad, a.total, a.student, a.teacher, plan, a.p, a.training,
+                              a.stats_s, a.stats_t, a.sums, a.grad_student, a.grad_teacher,
+                              stream);
   });
-  return cudaGetLastError();
+  return launch_status();
 }
 
-cudaError_t backward(DType dtype, const void* grad, const void* total, const void* student,
-                     const void* teacher, const Plan& plan, double p, bool training,
-                     const void* stats_s, const void* stats_t, const void* sums,
-                     void* grad_student, void* grad_teacher, cudaStream_t stream) {
-  dispatch(dtype, [&]<typename scalar_t>() {
-    launch_backward<scalar_t>(grad, total, student, teacher, plan, p, training, stats_s, stats_t,
-                              sums, grad_student, grad_teacher, stream);
-  });
-  return cudaGetLastError();
-}
-
-}  // namespace srd_cuda
+}  // namespace cuda
 }  // namespace fastkd

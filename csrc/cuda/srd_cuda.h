@@ -1,8 +1,9 @@
-// Host interface of the SRD CUDA kernels (csrc/cuda/srd.cu): plain pointers and a stream, so that
-// the .cu file compiles without torch headers. The at::Tensor side is csrc/cuda/srd_binding.cpp.
+// Host interface of the SRD CUDA kernels (srd.cu): plain pointers and a stream, so that the .cu
+// file compiles without torch headers. The at::Tensor side is srd_binding.cpp; the shape every
+// op follows is described in launch.h.
 //
 // Pointers typed `void*` below are arrays of the accumulation dtype (float for half, bfloat16 and
-// float inputs, double for double) unless they say "features". Layouts are row-major:
+// float features, double for double) unless they say "features". Layouts are row-major:
 //   stats (4, D): mean, biased var, centre = mean - z[0, j], rstd   (srd::StatsRow)
 //   sums  (4, D): sum_b |d|^p, sum_b h, sum_b h*s, sum_b h*t        (srd::SumsRow)
 #pragma once
@@ -11,43 +12,44 @@
 
 #include <cstdint>
 
-#include "dtype.h"
+#include "launch.h"
 
 namespace fastkd {
-namespace srd_cuda {
+namespace cuda {
 
-using DType = ::fastkd::CudaDType;
-
-// How the batch is cut: n_splits slices of rows_per_split rows (the last may be shorter), each
-// handled by its own blocks so that small widths still fill the GPU.
-struct Plan {
-  int64_t batch;
-  int64_t width;
-  int64_t rows_per_split;
-  int64_t n_splits;
+struct SrdArgs {
+  DType dtype = DType::kFloat;      // the features dtype
+  int64_t batch = 0, width = 0;     // B, D
+  const void* student = nullptr;    // (B, D) features, contiguous
+  const void* teacher = nullptr;    // (B, D) features, contiguous
+  double p = 4.0, eps = 1e-4;
+  bool training = true;             // batch statistics (else the caller's, from running buffers)
+  // srd_forward writes them in training and reads them otherwise; srd_backward reads them.
+  void* stats_s = nullptr;
+  void* stats_t = nullptr;
+  // srd_forward writes them; srd_backward reads sums and total.
+  void* sums = nullptr;
+  void* total = nullptr;            // S, 0-dim
+  void* loss = nullptr;             // log(max(S, tiny)), 0-dim
+  const void* grad = nullptr;       // srd_backward: 0-dim upstream gradient, on the device
+  void* grad_student = nullptr;     // (B, D) features dtype
+  void* grad_teacher = nullptr;     // (B, D) features dtype; null: not wanted
+  int sm_count = 1;                 // multiprocessors of the device: srd_splits
+  int splits = 0;                   // > 0: this many row splits instead (the emulator)
+  void* workspace = nullptr;        // srd_workspace_bytes(*this, pass) bytes
 };
 
-Plan make_plan(int64_t batch, int64_t width, int device);
+// Row splits of the batch, each handled by its own blocks so that narrow features still fill the
+// GPU: about 4 blocks per SM, splits of at least 64 rows (or args.splits, clamped to 1..B).
+int64_t srd_splits(const SrdArgs& args);
 
-// Elements of the accumulation dtype the caller allocates as `workspace` for each pass.
-inline int64_t workspace_elements(const Plan& plan) { return 4 * plan.n_splits * plan.width; }
+size_t srd_workspace_bytes(const SrdArgs& args, Pass pass);
 
-// Pass 1 (training): batch statistics of both sides into stats_s and stats_t.
-cudaError_t forward_stats(DType dtype, const void* student, const void* teacher, const Plan& plan,
-                          double eps, void* workspace, void* stats_s, void* stats_t,
-                          cudaStream_t stream);
+// Batch statistics of both sides (training), column sums, S and the loss.
+cudaError_t srd_forward(const SrdArgs& args, cudaStream_t stream);
 
-// Pass 2: column sums, S (`total`, 0-dim) and loss = log(max(S, tiny)) (0-dim).
-cudaError_t forward_sums(DType dtype, const void* student, const void* teacher, const Plan& plan,
-                         double p, const void* stats_s, const void* stats_t, void* workspace,
-                         void* sums, void* total, void* loss, cudaStream_t stream);
+// Gradients of the features (features dtype) from the forward's stats, sums and total.
+cudaError_t srd_backward(const SrdArgs& args, cudaStream_t stream);
 
-// Gradients of the features (features dtype); grad_teacher may be null (not wanted). `grad` and
-// `total` are 0-dim device tensors.
-cudaError_t backward(DType dtype, const void* grad, const void* total, const void* student,
-                     const void* teacher, const Plan& plan, double p, bool training,
-                     const void* stats_s, const void* stats_t, const void* sums,
-                     void* grad_student, void* grad_teacher, cudaStream_t stream);
-
-}  // namespace srd_cuda
+}  // namespace cuda
 }  // namespace fastkd

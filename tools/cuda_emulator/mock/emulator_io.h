@@ -1,4 +1,4 @@
-// Host-side file I/O shared by the emulator drivers (emulator.cpp, srd_emulator.cpp): raw
+// Host-side file I/O shared by the emulator drivers (fkd_, srd_, rkd_emulator.cpp): raw
 // buffers in and out of the Python checker, and NaN-filled allocations standing in for
 // uninitialised device memory.
 #pragma once

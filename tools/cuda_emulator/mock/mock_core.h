@@ -1,4 +1,4 @@
-// CPU model of the parts of the CUDA execution model that csrc/cuda/fkd.cu and srd.cu use, so that the file
+// CPU model of the parts of the CUDA execution model that csrc/cuda/{fkd,srd,rkd}.cu use, so that each file
 // compiles unchanged with g++ and runs here (no GPU needed): blocks run one at a time, one
 // std::thread per CUDA thread, std::barrier for __syncthreads and the warp shuffles. Dynamic
 // shared memory starts as NaN bytes (a read before a write shows up in the results), and
@@ -132,7 +132,8 @@ inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) 
   return cudaSuccess;
 }
 
-// fkd.cu and srd.cu take their launch syntax and its dynamic shared memory from here.
+// The .cu files take their launch syntax (launch.h defines FASTKD_LAUNCH only when it is not yet
+// defined) and fkd.cu its dynamic shared memory from here.
 #define FASTKD_EMULATE 1
 #define FASTKD_LAUNCH(kernel, grid, block, smem, stream, ...) \
   mock::launch(reinterpret_cast<const void*>(&kernel), dim3(grid), dim3(block), (smem), \
