@@ -54,8 +54,8 @@ of the ops, or the module-level ``DETERMINISTIC``) accumulates with atomics inst
 order varies. The backward has no cross-program reduction and is always deterministic.
 
 Precision: accumulation in float32 (float64 if any input is float64: every input is then
-upcast to float64 and ``tl.dot`` runs in float64). float32 dots use TF32 only when
-``torch.backends.cuda.matmul.allow_tf32`` is True (never in the interpreter). In the backward
+upcast to float64 and ``tl.dot`` runs in float64). float32 dots are full IEEE float32,
+whatever torch's global TF32 flags say (an explicit precision policy is to come). In the backward
 the difference tile and the normalised column tile are rounded to the input dtype for 16-bit
 inputs (tensor cores), which costs about one rounding of that dtype on the gradient.
 """
@@ -109,13 +109,14 @@ def _row_norm_kernel(
     D,
     inv_ptr,
     sumsq_ptr,
-    eps,
+    eps: tl.float64,
     WRITE_SUMSQ: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """inv[i] = 1 / max(||x_i||, eps) and optionally sumsq[i] = ||x_i||^2, in ACC."""
+    eps = tl.full((), eps, ACC)  # a float64 argument: exact for float64, rounded once for fp32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
@@ -123,7 +124,8 @@ def _row_norm_kernel(
     for k in range(0, D, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(base + cols[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+        # int64 column offsets: cols * stride_c passes 2^31 for strided inputs with B*D > 2^31
+        x = tl.load(base + cols.to(tl.int64)[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
         acc += x * x
     sumsq = tl.sum(acc, axis=1)
     if ACC == tl.float64:
@@ -159,8 +161,9 @@ def _dot_tile(
     for k in range(0, D, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
         cmask = (cols < D)[None, :]
-        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
-        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
+        col_off = cols.to(tl.int64)[None, :] * stride_c  # int64: see _row_norm_kernel
+        a = tl.load(base_i + col_off, mask=mask_i[:, None] & cmask, other=0.0)
+        b = tl.load(base_j + col_off, mask=mask_j[:, None] & cmask, other=0.0)
         dot = _mma(a, tl.trans(b), dot, PRECISION)
     return dot
 
@@ -250,7 +253,7 @@ def _fkd_forward_kernel(
     inv_ptr,
     out_ptr,
     B,
-    t_weight,
+    t_weight: tl.float64,
     NUM_T: tl.constexpr,
     ATOMIC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -260,7 +263,9 @@ def _fkd_forward_kernel(
 ):
     """Program (I, J): w_IJ * sum over the tile of (rho_S - rho_T)^2, w = 2 if J > I, 1 if
     J == I, nothing if J < I. ``inv_ptr`` holds (1 + NUM_T) rows of B inverse norms (student
-    first). Writes out[I * nb + J], or atomically adds into out[0] when ATOMIC."""
+    first). Writes out[I * nb + J], or atomically adds into out[0] when ATOMIC. ``t_weight``
+    is a float64 argument (a Python float would be typed float32), converted to ACC."""
+    t_weight = tl.full((), t_weight, ACC)
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     if pid_j >= pid_i:
@@ -293,7 +298,7 @@ def _fkd_backward_kernel(
     t_widths,
     inv_ptr,
     B,
-    t_weight,
+    t_weight: tl.float64,
     y_ptr,
     y_stride_r,
     y_stride_c,
@@ -303,8 +308,8 @@ def _fkd_backward_kernel(
     out_stride_r,
     out_stride_c,
     grad_ptr,
-    kd_scale,
-    fr_scale,
+    kd_scale: tl.float64,
+    fr_scale: tl.float64,
     loss_ptr,
     NUM_T: tl.constexpr,
     TARGET: tl.constexpr,
@@ -323,12 +328,17 @@ def _fkd_backward_kernel(
     out = grad * kd_scale * (sum_J D_IJ Y_J - r (.) Y_I) * inv_I (+ grad * fr_scale * y if
     HAS_FR), with D = rho_S - rho_T, Y = normalize(y), r_i = sum_j D_ij K_ij. With LOSS, the
     programs of column chunk 0 also write sum over rows I, all columns of D^2 to loss_ptr[I].
+    The float scalars are float64 arguments converted to ACC (exact for float64 inputs).
     """
+    t_weight = tl.full((), t_weight, ACC)
+    kd_scale = tl.full((), kd_scale, ACC)
+    fr_scale = tl.full((), fr_scale, ACC)
     pid_i = tl.program_id(0)
     rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_i = rows_i < B
     cols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     cmask = (cols < y_width)[None, :]
+    y_col_off = cols.to(tl.int64)[None, :] * y_stride_c  # int64: see _row_norm_kernel
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
     row_dot = tl.zeros((BLOCK_M,), ACC)
     sq_rows = tl.zeros((BLOCK_M,), ACC)
@@ -344,7 +354,7 @@ def _fkd_backward_kernel(
         if LOSS:
             sq_rows += tl.sum(diff * diff, axis=1)
         y_j = tl.load(
-            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + cols[None, :] * y_stride_c,
+            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + y_col_off,
             mask=mask_j[:, None] & cmask,
             other=0.0,
         )
@@ -355,7 +365,7 @@ def _fkd_backward_kernel(
     g = tl.load(grad_ptr).to(ACC)
     mask = mask_i[:, None] & cmask
     row_off = rows_i.to(tl.int64)[:, None]
-    y_i = tl.load(y_ptr + row_off * y_stride_r + cols[None, :] * y_stride_c, mask=mask, other=0.0)
+    y_i = tl.load(y_ptr + row_off * y_stride_r + y_col_off, mask=mask, other=0.0)
     y_i = y_i.to(ACC)
     inv_i = tl.load(y_inv_ptr + rows_i, mask=mask_i, other=0.0)
     out = (g * kd_scale) * (acc - row_dot[:, None] * (y_i * inv_i[:, None])) * inv_i[:, None]
@@ -381,20 +391,24 @@ def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: b
     """Block sizes: a fixed heuristic (no autotuning, so results never depend on timing).
 
     ``widths`` are the feature widths of all inputs, ``dtype`` the widest input dtype. GPU
-    (checked with ptxas for sm_90: no register spills for 16-bit inputs, a few bytes for fp32):
-    forward tiles BLOCK x BLOCK = 64 x 64, backward tiles BLOCK x BLOCK_N = 64 x 32 with a
-    64 x BLOCK_DO = 64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for
-    fp64), 8 warps. Small problems shrink the blocks to the next power of two, never below 16
-    (the tl.dot minimum). The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
-    != BLOCK, so that small test shapes cover several row blocks, K chunks and output chunks.
+    (checked by ``python -m tools.gpu_static`` for sm_80 and sm_90: no spills in the loops):
+    forward tiles BLOCK x BLOCK = 64 x 64, backward tiles BLOCK x BLOCK_N = 64 x 32 (64 x 16
+    for float32, whose dots run on the FMA units) with a 64 x BLOCK_DO = 64 x 128 fp32
+    gradient accumulator, feature chunks BLOCK_K = 32 (16 for fp64), 8 warps. Small problems
+    shrink the blocks to the next power of two, never below 16 (the tl.dot minimum). The
+    interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32 != BLOCK, so that small
+    test shapes cover several row blocks, K chunks and output chunks.
     """
     if interpret:
         return {"BLOCK": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32, "num_warps": 1}
     block = min(64, max(16, _pow2(batch)))
     block_k = 16 if dtype == torch.float64 else 32
+    # float32 dots run on the FMA units: a 64 x 32 backward tile needs 255 registers and
+    # spills inside the loop on sm_80 (tools/gpu_static); 64 x 16 needs 128-180, no spills.
+    block_n = 16 if dtype == torch.float32 else 32
     return {
         "BLOCK": block,
-        "BLOCK_N": min(32, block),
+        "BLOCK_N": min(block_n, block),
         "BLOCK_K": min(block_k, max(16, _pow2(max(widths)))),
         "BLOCK_DO": 64 if dtype == torch.float64 else 128,  # fp64 accumulators: half the width
         "num_warps": 8,
@@ -441,8 +455,9 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
-        tf32 = not interpret and self.acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-        self.precision = "tf32" if tf32 else "ieee"
+        # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
+        # once fp32_precision is set, and a global flag should not change the loss's accuracy.
+        self.precision = "ieee"
         self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)
         self.inv_student = self._inv_norm(student, self.sumsq)
         self.inv_teachers = [self._inv_norm(t) for t in teachers]
