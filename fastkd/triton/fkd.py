@@ -387,15 +387,18 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
-def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: bool) -> dict:
+def block_config(
+    batch: int, widths: list[int], dtype: torch.dtype, interpret: bool, op: str = "fkd"
+) -> dict:
     """Block sizes: a fixed heuristic (no autotuning, so results never depend on timing).
 
     ``widths`` are the feature widths of all inputs, ``dtype`` the widest input dtype. GPU
     (checked by ``python -m tools.gpu_static`` for sm_80 and sm_90: no spills in the loops):
     forward tiles BLOCK x BLOCK = 64 x 64, backward tiles BLOCK x BLOCK_N = 64 x 32 (64 x 16
-    for float32, whose dots run on the FMA units) with a 64 x BLOCK_DO = 64 x 128 fp32
-    gradient accumulator, feature chunks BLOCK_K = 32 (16 for fp64), 8 warps. Small problems
-    shrink the blocks to the next power of two, never below 16 (the tl.dot minimum). The
+    for float32 FKD, ``op="fkd"``: its dots run on the FMA units) with a 64 x BLOCK_DO =
+    64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for fp64), 8 warps.
+    Small problems shrink the blocks to the next power of two, never below 16 (the tl.dot
+    minimum). The
     interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32 != BLOCK, so that small
     test shapes cover several row blocks, K chunks and output chunks.
     """
@@ -403,9 +406,10 @@ def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: b
         return {"BLOCK": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32, "num_warps": 1}
     block = min(64, max(16, _pow2(batch)))
     block_k = 16 if dtype == torch.float64 else 32
-    # float32 dots run on the FMA units: a 64 x 32 backward tile needs 255 registers and
-    # spills inside the loop on sm_80 (tools/gpu_static); 64 x 16 needs 128-180, no spills.
-    block_n = 16 if dtype == torch.float32 else 32
+    # float32 dots run on the FMA units: FKD's 64 x 32 backward tile needs 255 registers and
+    # spills inside the loop on sm_80, 64 x 16 does not; RKD's grad kernel is the other way
+    # round on sm_90 (ptxas caps it at 128 registers and spills). See tools/gpu_static.
+    block_n = 16 if dtype == torch.float32 and op == "fkd" else 32
     return {
         "BLOCK": block,
         "BLOCK_N": min(block_n, block),

@@ -316,7 +316,7 @@ class _Problem:
         self.batch = b = student.shape[0]
         self.interpret = interpret
         dtype = max((student, teacher), key=lambda t: t.element_size()).dtype
-        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret)
+        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret, op="rkd")
         # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
         # once fp32_precision is set, and a global flag should not change the loss's accuracy.
         self.precision = "ieee"

@@ -265,7 +265,7 @@ def _rkd_variants(sweep: str) -> Iterator[Variant]:
         acc = _acc(dt)
         seen = set()
         for batch, width in _SHAPES[sweep][:3]:  # (8, 8) adds no RKD config
-            cfg = block_config(batch, [width, width], dt, interpret=False)
+            cfg = block_config(batch, [width, width], dt, interpret=False, op="rkd")
             block_do = min(cfg["BLOCK_DO"], max(16, _pow2(width)))
             if (key := (tuple(sorted(cfg.items())), block_do)) in seen:
                 continue
