@@ -11,7 +11,8 @@ Assertions (a FAIL makes ``--check`` exit 1):
 * 16-bit FKD kernels use tensor cores (``mma.sync`` on sm_80, ``wgmma`` on sm_90).
 
 Known gaps are reported as "gap" and do not fail: tensor cores for RKD 16-bit and for float32
-(TF32 / split-TF32) are issue 13, as are the CUDA kernels' spills and missing HMMA.
+(TF32 / split-TF32) are issue 13. The CUDA kernels (csrc/) are reported, not asserted: their
+spills inside loops, missing HMMA/LDSM and CUDA-core RKD are marked "gap" for issue 13.
 """
 
 from __future__ import annotations
@@ -57,18 +58,25 @@ _CUDA_HOT = re.compile(r"fkd_forward|fkd_backward|pair_kernel|\bgrad_kernel<|sum
 
 
 def cuda_verdict(k: CudaKernel) -> tuple[str, list[str]]:
+    """CUDA kernels are reported, not asserted (csrc/ is issue 13's): "gap" marks what a
+    Triton kernel would fail on or what issue 13 lists."""
     hot = bool(_CUDA_HOT.search(k.name))
     gaps, notes = [], []
     spill = k.res.stack + k.res.local
     if hot and k.sass.spill_ops_in_loops:
-        gaps.append(f"{k.sass.spill_ops_in_loops} spill instruction(s) inside loops (issue 13)")
+        gaps.append(f"{k.sass.spill_ops_in_loops} spill instruction(s) inside loops")
     elif spill or k.sass.ops.get("LDL/STL"):
         notes.append(f"{spill} B stack/local, {k.sass.ops['LDL/STL']} LDL/STL outside loops")
-    sixteen = "__half" in k.name or "bfloat16" in k.name
     tc = k.sass.ops["HMMA"] + k.sass.ops["HGMMA"]
-    if hot and "fkd" in k.name and sixteen and tc == 0:
-        gaps.append("16-bit without HMMA (issue 13)")
-    if hot and (k.name.startswith(("pair_kernel", "grad_kernel<"))) and tc == 0:
+    if hot and k.name.startswith(("fkd_forward", "fkd_backward")) and tc == 0:
+        if "<float>" in k.name:
+            gaps.append("float32 without tensor cores (issue 13)")
+        elif "<double>" not in k.name:
+            gaps.append("16-bit without HMMA")
+    if hot and k.name.startswith(("fkd_backward_kernel<__nv_bfloat16", "fkd_forward_kernel<__nv")):
+        if tc and not k.sass.ops["LDSM"]:
+            gaps.append("bf16 fragments not loaded with LDSM (issue 13)")
+    if hot and k.name.startswith(("pair_kernel", "grad_kernel<")) and tc == 0:
         gaps.append("RKD on CUDA cores (issue 13)")
     return (GAP if gaps else OK), gaps + notes
 
@@ -195,6 +203,33 @@ def markdown(results: list[Result], kernels: list[CudaKernel], command: str, swe
         f"({seconds:.0f} s of compile time), {len(kernels)} CUDA kernel binaries.",
         "",
     ]
+    gaps: dict[str, set] = defaultdict(set)
+    for r in results:
+        status, why = triton_verdict(r)
+        if status == GAP:
+            for reason in why:
+                if "issue 13" in reason:
+                    gaps[f"Triton: {reason}"].add(f"{r.variant.kernel} {r.variant.dtype}")
+    for k in kernels:
+        status, why = cuda_verdict(k)
+        if status == GAP:
+            for reason in why:
+                if "LDL/STL outside" not in reason:
+                    reason = re.sub(r"^\d+ ", "", reason.split(" (")[0])
+                    gaps[f"CUDA: {reason}"].add(k.name)
+    if gaps:
+        lines += ["Known gaps (reported, not asserted; issue 13):", ""]
+        for reason, where in sorted(gaps.items()):
+            lines.append(f"- {reason}: {', '.join(sorted(where))}")
+        lines.append("")
+    lines += [
+        "Hot kernels: Triton `_fkd_forward_kernel`, `_fkd_backward_kernel`, `_rkd_sums_kernel`,",
+        "`_rkd_grad_kernel`, `_stats_partial_kernel`, `_sums_partial_kernel`, `_backward_kernel`;",
+        "CUDA `fkd_forward/backward_kernel`, `pair_kernel`, `grad_kernel`, `stats_partial_kernel`,",
+        "`sums_partial_kernel`, `backward_kernel`. A few spill bytes outside the loops (saved and",
+        "restored once per program) are listed in the verdict, not failed.",
+        "",
+    ]
     for op, title in (("fkd", "FKD"), ("rkd", "RKD distance"), ("srd", "SRD")):
         rs = [r for r in results if r.variant.op == op]
         if rs:
@@ -206,7 +241,8 @@ def markdown(results: list[Result], kernels: list[CudaKernel], command: str, swe
         lines += [
             "## CUDA (`fastkd/_C*.so`)",
             "",
-            "Which kernels are hot: FKD forward/backward, RKD pair/grad, SRD stats/sums/backward.",
+            "Reported, not asserted (csrc/ is issue 13's). Static shared memory only: the",
+            "kernels' dynamic shared memory is set at launch.",
             "",
             *cuda_table(kernels),
             "",

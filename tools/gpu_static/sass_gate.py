@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import subprocess
 from dataclasses import dataclass
 
 from tools.gpu_static import machine_code
@@ -47,7 +48,10 @@ def short_name(demangled: str) -> str:
 
 def cuda_kernels(path: str) -> list[CudaKernel]:
     """Every kernel of every arch in the shared library at ``path``."""
-    res, sass = machine_code.disassemble(path)
+    try:
+        res, sass = machine_code.disassemble(path)
+    except subprocess.CalledProcessError:  # a CPU-only build has no device code
+        return []
     names = machine_code.demangle(sorted({f for _, f in res}))
     kernels = [
         CudaKernel(
