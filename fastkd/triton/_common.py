@@ -3,8 +3,8 @@ input checks (from :mod:`fastkd.validation`) and the tile helpers used by FKD an
 
 Host-side policy:
   * accumulation in float32, float64 if any input is float64 (:func:`fastkd.reference.loss_dtype`);
-  * ``tl.dot`` on float32 operands uses TF32 only when ``torch.backends.cuda.matmul.allow_tf32``
-    is True, never in the interpreter (:func:`dot_precision`);
+  * ``tl.dot`` on float32 operands is full IEEE float32 whatever torch's global TF32 flags say
+    (reading ``allow_tf32`` raises in torch 2.14 once ``fp32_precision`` is set);
   * launches run under :func:`device_guard` so a kernel goes to its inputs' GPU whatever the
     current device is;
   * block sizes are a fixed heuristic (:func:`block_config`), no autotuning: results never
@@ -58,19 +58,15 @@ def device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def dot_precision(acc: torch.dtype, interpret: bool) -> str:
-    """``input_precision`` of ``tl.dot`` on 32-bit operands: "tf32" only on a GPU, for float32
-    accumulation, when torch allows TF32 matmuls; "ieee" otherwise."""
-    tf32 = not interpret and acc == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if tf32 else "ieee"
-
-
-def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: bool) -> dict:
+def block_config(
+    batch: int, widths: list[int], dtype: torch.dtype, interpret: bool, op: str = "fkd"
+) -> dict:
     """Block sizes of the tiled FKD and RKD kernels: a fixed heuristic (no autotuning).
 
-    ``widths`` are the feature widths of all inputs, ``dtype`` the widest input dtype. GPU
-    (checked with ptxas for sm_90: no register spills for 16-bit inputs, a few bytes for fp32):
-    forward tiles BLOCK x BLOCK = 64 x 64, backward tiles BLOCK x BLOCK_N = 64 x 32 with a
+    ``widths`` are the feature widths of all inputs, ``dtype`` the widest input dtype, ``op``
+    "fkd" or "rkd". GPU (checked by ``python -m tools.gpu_static`` for sm_80 and sm_90: no
+    spills in the loops): forward tiles BLOCK x BLOCK = 64 x 64, backward tiles
+    BLOCK x BLOCK_N = 64 x 32 (64 x 16 for float32 FKD: its dots run on the FMA units) with a
     64 x BLOCK_DO = 64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for
     fp64), 8 warps. Small problems shrink the blocks to the next power of two, never below 16
     (the tl.dot minimum). The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
@@ -80,9 +76,13 @@ def block_config(batch: int, widths: list[int], dtype: torch.dtype, interpret: b
         return {"BLOCK": 16, "BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_DO": 32, "num_warps": 1}
     block = min(64, max(16, pow2(batch)))
     block_k = 16 if dtype == torch.float64 else 32
+    # float32 dots run on the FMA units: FKD's 64 x 32 backward tile needs 255 registers and
+    # spills inside the loop on sm_80, 64 x 16 does not; RKD's grad kernel is the other way
+    # round on sm_90 (ptxas caps it at 128 registers and spills). See tools/gpu_static.
+    block_n = 16 if dtype == torch.float32 and op == "fkd" else 32
     return {
         "BLOCK": block,
-        "BLOCK_N": min(32, block),
+        "BLOCK_N": min(block_n, block),
         "BLOCK_K": min(block_k, max(16, pow2(max(widths)))),
         "BLOCK_DO": 64 if dtype == torch.float64 else 128,  # fp64 accumulators: half the width
         "num_warps": 8,
@@ -113,13 +113,14 @@ def _row_norm_kernel(
     D,
     inv_ptr,
     sumsq_ptr,
-    eps,
+    eps: tl.float64,
     WRITE_SUMSQ: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ACC: tl.constexpr,
 ):
     """inv[i] = 1 / max(||x_i||, eps) and optionally sumsq[i] = ||x_i||^2, in ACC."""
+    eps = tl.full((), eps, ACC)  # a float64 argument: exact for float64, rounded once for fp32
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < B
     base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
@@ -127,7 +128,8 @@ def _row_norm_kernel(
     for k in range(0, D, BLOCK_D):
         cols = k + tl.arange(0, BLOCK_D)
         mask = rmask[:, None] & (cols < D)[None, :]
-        x = tl.load(base + cols[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
+        # int64 column offsets: cols * stride_c passes 2^31 for strided inputs with B*D > 2^31
+        x = tl.load(base + cols.to(tl.int64)[None, :] * stride_c, mask=mask, other=0.0).to(ACC)
         acc += x * x
     sumsq = tl.sum(acc, axis=1)
     if ACC == tl.float64:
@@ -163,8 +165,9 @@ def _dot_tile(
     for k in range(0, D, BLOCK_K):
         cols = k + tl.arange(0, BLOCK_K)
         cmask = (cols < D)[None, :]
-        a = tl.load(base_i + cols[None, :] * stride_c, mask=mask_i[:, None] & cmask, other=0.0)
-        b = tl.load(base_j + cols[None, :] * stride_c, mask=mask_j[:, None] & cmask, other=0.0)
+        col_off = cols.to(tl.int64)[None, :] * stride_c  # int64: see _row_norm_kernel
+        a = tl.load(base_i + col_off, mask=mask_i[:, None] & cmask, other=0.0)
+        b = tl.load(base_j + col_off, mask=mask_j[:, None] & cmask, other=0.0)
         dot = _mma(a, tl.trans(b), dot, PRECISION)
     return dot
 

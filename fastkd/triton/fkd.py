@@ -57,8 +57,8 @@ stays that of ``csrc/ops.cpp``) accumulates with atomics instead, whose order va
 backward has no cross-program reduction and is always deterministic.
 
 Precision: accumulation in float32 (float64 if any input is float64: every input is then
-upcast to float64 and ``tl.dot`` runs in float64). float32 dots use TF32 only when
-``torch.backends.cuda.matmul.allow_tf32`` is True (never in the interpreter). In the backward
+upcast to float64 and ``tl.dot`` runs in float64). float32 dots are full IEEE float32,
+whatever torch's global TF32 flags say (an explicit precision policy is to come). In the backward
 the difference tile and the normalised column tile are rounded to the input dtype for 16-bit
 inputs (tensor cores), which costs about one rounding of that dtype on the gradient.
 """
@@ -83,7 +83,6 @@ from fastkd.triton._common import (
     check_triton_inputs,
     custom_op,
     device_guard,
-    dot_precision,
     pow2,
     row_norms,
 )
@@ -186,7 +185,7 @@ def _fkd_forward_kernel(
     inv_ptr,
     out_ptr,
     B,
-    t_weight,
+    t_weight: tl.float64,
     NUM_T: tl.constexpr,
     ATOMIC: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -196,7 +195,9 @@ def _fkd_forward_kernel(
 ):
     """Program (I, J): w_IJ * sum over the tile of (rho_S - rho_T)^2, w = 2 if J > I, 1 if
     J == I, nothing if J < I. ``inv_ptr`` holds (1 + NUM_T) rows of B inverse norms (student
-    first). Writes out[I * nb + J], or atomically adds into out[0] when ATOMIC."""
+    first). Writes out[I * nb + J], or atomically adds into out[0] when ATOMIC. ``t_weight``
+    is a float64 argument (a Python float would be typed float32), converted to ACC."""
+    t_weight = tl.full((), t_weight, ACC)
     pid_i = tl.program_id(0)
     pid_j = tl.program_id(1)
     if pid_j >= pid_i:
@@ -229,7 +230,7 @@ def _fkd_backward_kernel(
     t_widths,
     inv_ptr,
     B,
-    t_weight,
+    t_weight: tl.float64,
     y_ptr,
     y_stride_r,
     y_stride_c,
@@ -239,8 +240,8 @@ def _fkd_backward_kernel(
     out_stride_r,
     out_stride_c,
     grad_ptr,
-    kd_scale,
-    fr_scale,
+    kd_scale: tl.float64,
+    fr_scale: tl.float64,
     loss_ptr,
     NUM_T: tl.constexpr,
     TARGET: tl.constexpr,
@@ -259,12 +260,17 @@ def _fkd_backward_kernel(
     out = grad * kd_scale * (sum_J D_IJ Y_J - r (.) Y_I) * inv_I (+ grad * fr_scale * y if
     HAS_FR), with D = rho_S - rho_T, Y = normalize(y), r_i = sum_j D_ij K_ij. With LOSS, the
     programs of column chunk 0 also write sum over rows I, all columns of D^2 to loss_ptr[I].
+    The float scalars are float64 arguments converted to ACC (exact for float64 inputs).
     """
+    t_weight = tl.full((), t_weight, ACC)
+    kd_scale = tl.full((), kd_scale, ACC)
+    fr_scale = tl.full((), fr_scale, ACC)
     pid_i = tl.program_id(0)
     rows_i = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_i = rows_i < B
     cols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     cmask = (cols < y_width)[None, :]
+    y_col_off = cols.to(tl.int64)[None, :] * y_stride_c  # int64: see _row_norm_kernel
     acc = tl.zeros((BLOCK_M, BLOCK_DO), ACC)
     row_dot = tl.zeros((BLOCK_M,), ACC)
     sq_rows = tl.zeros((BLOCK_M,), ACC)
@@ -280,7 +286,7 @@ def _fkd_backward_kernel(
         if LOSS:
             sq_rows += tl.sum(diff * diff, axis=1)
         y_j = tl.load(
-            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + cols[None, :] * y_stride_c,
+            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + y_col_off,
             mask=mask_j[:, None] & cmask,
             other=0.0,
         )
@@ -291,7 +297,7 @@ def _fkd_backward_kernel(
     g = tl.load(grad_ptr).to(ACC)
     mask = mask_i[:, None] & cmask
     row_off = rows_i.to(tl.int64)[:, None]
-    y_i = tl.load(y_ptr + row_off * y_stride_r + cols[None, :] * y_stride_c, mask=mask, other=0.0)
+    y_i = tl.load(y_ptr + row_off * y_stride_r + y_col_off, mask=mask, other=0.0)
     y_i = y_i.to(ACC)
     inv_i = tl.load(y_inv_ptr + rows_i, mask=mask_i, other=0.0)
     out = (g * kd_scale) * (acc - row_dot[:, None] * (y_i * inv_i[:, None])) * inv_i[:, None]
@@ -334,7 +340,9 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
-        self.precision = dot_precision(self.acc, interpret)
+        # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
+        # once fp32_precision is set, and a global flag should not change the loss's accuracy.
+        self.precision = "ieee"
         self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)
         self.inv_student = row_norms(student, self.acc, interpret, sumsq=self.sumsq)
         self.inv_teachers = [row_norms(t, self.acc, interpret) for t in teachers]

@@ -29,11 +29,12 @@ d_ij = sqrt(max(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12)) for i != j formed tile by
 
 Sweeps 1 and 2 write one partial per tile, reduced by ``torch.sum`` in a fixed order, and the
 scalars between sweeps stay on the device (no host sync): results are deterministic. Block
-sizes are FKD's heuristic (:func:`fastkd.triton._common.block_config`); as there, a gradient
-wider than BLOCK_DO is split over several programs per row block that each recompute the
-distance tiles. Precision as FKD's: float32 accumulation (float64 for float64 inputs), TF32
-only when ``torch.backends.cuda.matmul.allow_tf32`` is True, and for 16-bit inputs the W tile
-is rounded to the input dtype for the tensor cores in sweep 3.
+sizes are FKD's heuristic (:func:`fastkd.triton._common.block_config`); as there, a gradient wider
+than BLOCK_DO is split over several programs per row block that each recompute the distance
+tiles. Precision as FKD's: float32 accumulation (float64 for float64 inputs), IEEE float32
+dots whatever torch's TF32 flags say, and for 16-bit inputs the W tile is rounded to the input
+dtype for the tensor cores in sweep 3 (float16: each row of W scaled into range first, as 1/d_ij
+exceeds float16's range for near-duplicate or small-scale rows).
 """
 
 from __future__ import annotations
@@ -56,13 +57,15 @@ from fastkd.triton._common import (
     check_triton_inputs,
     custom_op,
     device_guard,
-    dot_precision,
     pow2,
     row_norms,
 )
 from fastkd.validation import check_pair
 
-SQUARED_DISTANCE_EPS = 1e-12  # RepDistiller's pdist clamp (csrc/include/fastkd/rkd_math.h)
+# RepDistiller's pdist clamp (csrc/include/fastkd/rkd_math.h). A tl.constexpr: @triton.jit code
+# may read no other kind of global (the interpreter allows it, the compiler does not). Kernels
+# compare against tl.full((), EPS, ACC): a bare Python float in a comparison is typed float32.
+SQUARED_DISTANCE_EPS = tl.constexpr(1e-12)
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
@@ -95,7 +98,8 @@ def _distance_tile(
     sq_i = tl.load(sq_ptr + rows_i, mask=mask_i, other=0.0)
     sq_j = tl.load(sq_ptr + rows_j, mask=mask_j, other=0.0)
     q = sq_i[:, None] + sq_j[None, :] - 2.0 * dot
-    d = tl.sqrt(tl.where(q < SQUARED_DISTANCE_EPS, SQUARED_DISTANCE_EPS, q))
+    eps = tl.full((), SQUARED_DISTANCE_EPS, ACC)
+    d = tl.sqrt(tl.where(q < eps, eps, q))
     return q, d
 
 
@@ -223,6 +227,8 @@ def _rkd_grad_kernel(
     mask_i = rows_i < B
     cols = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     cmask = (cols < y_width)[None, :]
+    y_col_off = cols.to(tl.int64)[None, :] * y_stride_c  # int64: cols * stride_c may pass 2^31
+    eps = tl.full((), SQUARED_DISTANCE_EPS, ACC)
     inv_mu_s = tl.load(scal_ptr).to(ACC)
     inv_mu_t = tl.load(scal_ptr + 1).to(ACC)
     if TEACHER:
@@ -247,18 +253,27 @@ def _rkd_grad_kernel(
         else:
             q, d = qs, ds
         # B^2 dL/dd_ij times dd_ij/dq_ij = 1/(2 d_ij); scal[4] = grad * 4 / B^2 scales it all
-        w = tl.where(off & (q >= SQUARED_DISTANCE_EPS), (h - c_y) * coef * 0.5 / d, 0.0)
+        w = tl.where(off & (q >= eps), (h - c_y) * coef * 0.5 / d, 0.0)
         row_sum += tl.sum(w, axis=1)
         y_j = tl.load(
-            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + cols[None, :] * y_stride_c,
+            y_ptr + rows_j.to(tl.int64)[:, None] * y_stride_r + y_col_off,
             mask=mask_j[:, None] & cmask,
             other=0.0,
         )
-        acc = _mma(w.to(y_j.dtype), y_j, acc, PRECISION)
+        if y_j.dtype == tl.float16:
+            # 1/d reaches 1e6 for near-duplicate or small rows, past float16's 65504: scale each
+            # row of W into range for the tensor cores and back (the row scale commutes with
+            # the product, so only float16's relative rounding remains).
+            w_max = tl.max(tl.abs(w), axis=1)
+            row_scale = tl.where(w_max > 0.0, w_max, 1.0)
+            part = tl.dot((w / row_scale[:, None]).to(tl.float16), y_j)
+            acc += part * row_scale[:, None]
+        else:
+            acc = _mma(w.to(y_j.dtype), y_j, acc, PRECISION)
     scale = tl.load(scal_ptr + 4).to(ACC)
     mask = mask_i[:, None] & cmask
     row_off = rows_i.to(tl.int64)[:, None]
-    y_i = tl.load(y_ptr + row_off * y_stride_r + cols[None, :] * y_stride_c, mask=mask, other=0.0)
+    y_i = tl.load(y_ptr + row_off * y_stride_r + y_col_off, mask=mask, other=0.0)
     out = scale * (row_sum[:, None] * y_i.to(ACC) - acc)
     out_ptrs = out_ptr + row_off * out_stride_r + cols[None, :] * out_stride_c
     tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -283,8 +298,10 @@ class _Problem:
         self.batch = b = student.shape[0]
         self.interpret = interpret
         dtype = max((student, teacher), key=lambda t: t.element_size()).dtype
-        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret)
-        self.precision = dot_precision(self.acc, interpret)
+        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret, op="rkd")
+        # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
+        # once fp32_precision is set, and a global flag should not change the loss's accuracy.
+        self.precision = "ieee"
         self.sq = torch.empty((2, b), dtype=self.acc, device=student.device)
         scratch = torch.empty(b, dtype=self.acc, device=student.device)
         for row, x in enumerate((student, teacher)):

@@ -181,13 +181,13 @@ def _stats_finalize_kernel(
     D,
     rows_per_split,
     n_splits,
-    params_ptr,  # [p, eps, tiny] in the accumulation dtype
+    eps: tl.float64,  # float64 arguments: a Python float would be typed float32
     ACC: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < D
-    eps = tl.load(params_ptr + 1)
+    eps = tl.full((), eps, ACC)
     side_stride = 2 * n_splits * D
     _merge_splits(zs_ptr, part_ptr, stats_s_ptr, cols, cmask, B, D, rows_per_split, n_splits,
                   eps, ACC)  # fmt: skip
@@ -220,7 +220,7 @@ def _sums_partial_kernel(
     B,
     D,
     rows_per_split,
-    params_ptr,
+    p: tl.float64,
     ACC: tl.constexpr,
     P_INT: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
@@ -228,7 +228,7 @@ def _sums_partial_kernel(
     BLOCK_D: tl.constexpr,
 ):
     cols, cmask, r0, r1 = _program_block(B, D, rows_per_split, BLOCK_D)
-    p = tl.load(params_ptr)
+    p = tl.full((), p, ACC)
     shift_s, centre_s, rstd_s = _load_side(zs_ptr, stats_s_ptr, cols, cmask, D, ACC)
     shift_t, centre_t, rstd_t = _load_side(zt_ptr, stats_t_ptr, cols, cmask, D, ACC)
     acc_pow = tl.zeros(cols.shape, ACC)
@@ -264,7 +264,8 @@ def _backward_kernel(
     B,
     D,
     rows_per_split,
-    params_ptr,
+    p: tl.float64,
+    tiny: tl.float64,
     ACC: tl.constexpr,
     P_INT: tl.constexpr,
     USE_LIBDEVICE: tl.constexpr,
@@ -276,8 +277,8 @@ def _backward_kernel(
     cols, cmask, r0, r1 = _program_block(B, D, rows_per_split, BLOCK_D)
     shift_s, centre_s, rstd_s = _load_side(zs_ptr, stats_s_ptr, cols, cmask, D, ACC)
     shift_t, centre_t, rstd_t = _load_side(zt_ptr, stats_t_ptr, cols, cmask, D, ACC)
-    p = tl.load(params_ptr)
-    tiny = tl.load(params_ptr + 2)
+    p = tl.full((), p, ACC)
+    tiny = tl.full((), tiny, ACC)
     total = tl.load(total_ptr).to(ACC)
     grad = tl.load(grad_ptr).to(ACC)
     # dL/dS * grad, 0 where log(max(S, tiny)) is clamped; a NaN S fails the test and propagates.
@@ -311,10 +312,6 @@ def _integer_power(p: float) -> int:
     return int(p) if p == math.floor(p) and 1 <= p <= MAX_INTEGER_POWER else 0
 
 
-def _params(p: float, eps: float, acc: torch.dtype, device: torch.device) -> Tensor:
-    # Triton passes Python floats as float32: p and eps travel in a tensor of the accumulation
-    # dtype so that float64 runs use them unrounded.
-    return torch.tensor([p, eps, SRD_TINY], dtype=acc, device=device)
 
 
 # Tests set this to {"BLOCK_B": ..., "BLOCK_D": ..., "rows_per_split": ...} to exercise the
@@ -322,11 +319,14 @@ def _params(p: float, eps: float, acc: torch.dtype, device: torch.device) -> Ten
 _CONFIG_OVERRIDE: dict | None = None
 
 
-def _launch_config(batch: int, width: int, device: torch.device) -> dict:
-    """Tile sizes and the row split: enough programs to fill the GPU, each split >= one tile."""
+def _launch_config(
+    batch: int, width: int, device: torch.device | None, sm_count: int | None = None
+) -> dict:
+    """Tile sizes and the row split: enough programs to fill the GPU, each split >= one tile.
+    ``sm_count`` (the device's multiprocessor count) is queried from ``device`` unless given."""
     if _CONFIG_OVERRIDE is not None:
         cfg = dict(_CONFIG_OVERRIDE)
-    elif interpreter_enabled():  # few, large programs: the interpreter pays per program
+    elif interpreter_enabled() and sm_count is None:  # few, large programs (cost is per program)
         cfg = {
             "BLOCK_B": min(64, triton.next_power_of_2(batch)),
             "BLOCK_D": min(128, triton.next_power_of_2(width)),
@@ -335,7 +335,9 @@ def _launch_config(batch: int, width: int, device: torch.device) -> dict:
     else:
         block_b, block_d = 32, min(64, triton.next_power_of_2(width))
         col_blocks = triton.cdiv(width, block_d)
-        programs = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        if sm_count is None:
+            sm_count = torch.cuda.get_device_properties(device).multi_processor_count
+        programs = 4 * sm_count
         splits = max(1, min(triton.cdiv(batch, block_b), triton.cdiv(programs, col_blocks)))
         cfg = {"BLOCK_B": block_b, "BLOCK_D": block_d, "rows_per_split": triton.cdiv(batch, splits)}
     block_b = cfg["BLOCK_B"]
@@ -394,7 +396,9 @@ def _forward(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t):
         cfg["BLOCK_B"], cfg["BLOCK_D"], cfg["rows_per_split"], cfg["n_splits"],
     )  # fmt: skip
     col_blocks = triton.cdiv(width, block_d)
-    params = _params(p, eps, acc, student.device)
+    # p, eps and tiny go as float64 kernel arguments: no host-to-device copy per call (which
+    # would sync the host and break CUDA-graph capture), no float32 rounding.
+    p, eps = float(p), float(eps)
     if training:
         if batch < 2:
             raise ValueError("training mode needs a batch of at least 2 rows")
@@ -406,7 +410,7 @@ def _forward(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t):
             ACC=TL_DTYPES[acc], BLOCK_B=block_b, BLOCK_D=block_d,
         )  # fmt: skip
         _stats_finalize_kernel[(col_blocks,)](
-            student, teacher, part, stats_s, stats_t, batch, width, rows, splits, params,
+            student, teacher, part, stats_s, stats_t, batch, width, rows, splits, eps,
             ACC=TL_DTYPES[acc], BLOCK_D=block_d,
         )  # fmt: skip
     else:
@@ -414,7 +418,7 @@ def _forward(student, teacher, p, eps, training, rm_s, rv_s, rm_t, rv_t):
         stats_t = _stats_from_running(teacher, rm_t, rv_t, eps, "teacher")
     part = torch.empty((splits, 4, width), device=student.device, dtype=acc)
     _sums_partial_kernel[(col_blocks, splits)](
-        student, teacher, stats_s, stats_t, part, batch, width, rows, params,
+        student, teacher, stats_s, stats_t, part, batch, width, rows, p,
         ACC=TL_DTYPES[acc], P_INT=_integer_power(p), USE_LIBDEVICE=not interpreter_enabled(),
         BLOCK_B=block_b, BLOCK_D=block_d,
     )  # fmt: skip
@@ -461,9 +465,9 @@ def _backward(grad, student, teacher, p, training, total, stats_s, stats_t, sums
     grid = (triton.cdiv(width, cfg["BLOCK_D"]), cfg["n_splits"])
     _backward_kernel[grid](
         grad, total, student, teacher, stats_s, stats_t, sums, grad_s,
-        grad_t if teacher_grad else grad_s, batch, width, cfg["rows_per_split"],
-        _params(p, 0.0, acc, student.device),
-        ACC=TL_DTYPES[acc], P_INT=_integer_power(p), USE_LIBDEVICE=not interpreter_enabled(),
+        grad_t if teacher_grad else grad_s, batch, width, cfg["rows_per_split"], float(p),
+        SRD_TINY, ACC=TL_DTYPES[acc], P_INT=_integer_power(p),
+        USE_LIBDEVICE=not interpreter_enabled(),
         TRAINING=training, TEACHER_GRAD=teacher_grad, BLOCK_B=cfg["BLOCK_B"],
         BLOCK_D=cfg["BLOCK_D"],
     )  # fmt: skip
