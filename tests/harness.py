@@ -616,18 +616,18 @@ def rkd_terms(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, li
 
     def dist(f):
         sq = f.square().sum(1)
-        q = (sq[:, None] + sq[None, :] - 2.0 * f @ f.T).clamp_min(RKD_CLAMP)
-        d = q.sqrt() * off
-        return d, d[d > 0].mean(), (q > RKD_CLAMP) & off
+        q = (sq[:, None] + sq[None, :]).sub_(f @ f.T, alpha=2.0).clamp_min_(RKD_CLAMP)
+        d = q.sqrt().mul_(off)
+        return d, d.sum() / (d > 0).sum(), (q > RKD_CLAMP) & off
 
     (d_s, mu_s, pass_s), (d_t, mu_t, pass_t) = dist(fs), dist(ft)
-    a = (d_s / mu_s + d_t / mu_t) * off
+    a = (d_s / mu_s).add_(d_t / mu_t)  # zero on the diagonal
     slope = a.clamp_max(1.0)
 
     def side(d, mu, passes):
         c = (slope * d).sum() / (mu**2 * b**2 * off.sum())
-        w = (slope / (mu * b**2) + c) * passes
-        return abs(grad_out) * 2.0 * (w + w.T).sum(1).max().item()
+        w = (slope / (mu * b**2) + c) * passes  # symmetric: the (i, j) and (j, i) terms
+        return abs(grad_out) * 4.0 * w.sum(1).max().item()
 
     x_abs = (d_s / mu_s - d_t / mu_t).abs()
     delta = ULPS * accumulation_eps(dtype) * a

@@ -168,8 +168,8 @@ OP_CALL_CASES = [
     *cases("fkd", "cpu", (F32,), [(1, (5, 3))]),
     *cases("rkd", "cpu", (F64,), [(70, (5, 12))]),
     *cases("srd", "cpu", (F64,), [(17, (7,))], options=SRD_P[6:8]),
-    *cases("fkd", "triton", (F32,), [(6, (5, 3, 4)), (33, (20, 9, 40))]),
-    *cases("rkd", "triton", (F32,), [(33, (10, 6))]),
+    *cases("fkd", "triton", (F32,), [(6, (5, 3, 4)), (17, (20, 9, 40))]),
+    *cases("rkd", "triton", (F32,), [(17, (10, 6))]),
     *cases("srd", "triton", (F32,), [(9, (5,))], options=SRD_P[6:8]),
     *cases("fkd", "cuda", ALL, [(b, (24, 40, 9)) for b in (1, 3, 130, 1000)]),
     *cases("rkd", "cuda", ALL, [(b, (33, 70)) for b in (2, 17, 130)]),
@@ -212,11 +212,6 @@ COMPILE_CASES = [
     for c, compilers in [
         (Case("fkd", "cpu", F64, 33, (8, 20, 5), "tiled"), ("aot_eager", "inductor")),
         (Case("rkd", "cpu", F64, 33, (8, 20)), ("aot_eager", "inductor")),
-        (
-            Case("srd", "cpu", F64, 33, (8,), options=(("p", 4.0), ("training", True))),
-            ("aot_eager",),
-        ),
-        (Case("sp", "reference", F64, 33, (8, 20), "dual"), ("aot_eager",)),
         (Case("fkd", "triton", F32, 5, (6, 3, 2), "tiled"), ("aot_eager",)),
         (Case("rkd", "triton", F32, 9, (6, 5)), ("aot_eager",)),
         (Case("fkd", "cuda", F32, 333, (8, 20, 5), "tiled"), ("inductor",)),
@@ -267,14 +262,16 @@ DETERMINISM_CASES = [
 
 @pytest.mark.parametrize("case", [c.param() for c in DETERMINISM_CASES])
 def test_reruns_are_bit_identical(case: Case):
-    """The public call (forward-backward path) and every raw op give bitwise equal results."""
+    """The public call (forward-backward path) and the raw ops give bitwise equal results (on
+    the interpreter and the CPU the plain forward op only: the others are the public path's)."""
     op = OPS[case.op]
     inputs = op.inputs(case)
     ns = op.namespace(case.backend)
     first, second = (run(op, inputs, case.backend, case.algorithm, GRAD_OUT) for _ in range(2))
     for a, b in zip([first.loss, *first.grads], [second.loss, *second.grads], strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
-    for call in op.op_calls(ns, inputs, GRAD_OUT):
+    calls = op.op_calls(ns, inputs, GRAD_OUT)
+    for call in calls if case.backend == "cuda" else calls[:1]:
         outs = [getattr(ns, call.name)(*call.args) for _ in range(2)]
         flat = [_flatten(o) for o in outs]
         assert all(torch.equal(a, b) for a, b in zip(*flat, strict=True)), call.name
@@ -299,7 +296,6 @@ STRIDED_CASES = [
     *cases("srd", "cpu", (F32,), [(10, (12,))]),
     *cases("sp", "reference", (F64,), [(9, (4, 5))], ("dual",)),
     *cases("fkd", "triton", (F32,), [(17, (9, 13))], ("tiled",)),
-    *cases("rkd", "triton", (F64,), [(40, (37, 19))]),
     *cases("fkd", "cuda", (F32,), [(17, (40, 40))], ("tiled",)),
     *cases("rkd", "cuda", (F32,), [(70, (12, 20))]),
 ]
