@@ -424,14 +424,14 @@ def test_the_judgement_is_not_roundoff_relative():
     inputs = op.inputs(Case("fkd", "cpu", F64, 1, (5, 3)))
     want = reference64(op, inputs, GRAD_OUT).grads[1]
     _, terms = op.terms(inputs.to64(), GRAD_OUT, F64)
-    assert terms[1] > 0 and want.abs().max().item() <= 1e-12 * terms[1]
-    for roundoff in (0.0, 1e-17, 1e-30):
-        noise = torch.full_like(want, roundoff)
-        assert_close(
-            noise + 4 * torch.finfo(F64).eps * terms[1], want + noise, F64, TOL[F64].grad, terms[1]
-        )
+    size = terms[1].max().item()
+    assert size > 0 and want.abs().max().item() <= 1e-12 * size
+    good = 4 * torch.finfo(F64).eps * terms[1]  # a correct kernel's rounding around 0
+    for roundoff in (0.0, 1e-17, 1e-30):  # what the float64 reference returns on some host
+        host = torch.full_like(want, roundoff)
+        assert_close(good, host, F64, TOL[F64].grad, terms[1])
         with pytest.raises(AssertionError):
-            assert_close(noise + 1e-3 * terms[1], want + noise, F64, TOL[F64].grad, terms[1])
+            assert_close(1e-3 * terms[1], host, F64, TOL[F64].grad, terms[1])
 
 
 def test_interpreter_cases_use_cpu_tensors():
