@@ -4,7 +4,7 @@ contiguous result, the current stream, agreement with Triton and the CPU kernel.
 (every dtype, odd batch sizes across the 64-row tiles, raw ops, opcheck, compile, bit-identical
 reruns) are in test_ops.py. Needs a CUDA device and an extension built with FASTKD_BUILD_CUDA=1;
 every test is marked ``gpu``. Without a GPU the kernels run on the CPU emulator
-(tools/cuda_emulator)."""
+(tests/emulator, tools/cuda_emulator once the csrc branch is merged)."""
 
 import pytest
 import torch
