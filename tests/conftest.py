@@ -1,5 +1,7 @@
 """Test session set-up. Triton's interpreter must be chosen before Triton is first imported, so
-the Triton kernels run on CPU tensors here (CI has no GPU)."""
+the Triton kernels run on CPU tensors here, whatever the host has (tests/harness.py puts every
+interpreter case on the CPU). ``make test-gpu`` sets TRITON_INTERPRET=0 and runs the ``gpu``
+tests: compiled Triton and the CUDA kernels on the GPU."""
 
 import os
 

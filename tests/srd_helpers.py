@@ -1,127 +1,72 @@
-"""Shared helpers of the SRD tests: float64 reference runs, fused runs, relative errors."""
+"""What the SRD test modules (CPU, CUDA, Triton) share, on top of tests/harness.py: SRD cases,
+the identical-inputs and non-finite-batch checks, and the large-offset inputs with their shifted
+float64 oracle."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+from harness import F32, F64, OPS, Case, Inputs, assert_close, assert_matches, reference64, run
 
-import fastkd
-from fastkd import reference
-
-# Relative tolerance of the fused backends against the float64 reference, per input dtype.
-TOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+SRD = OPS["srd"]
+GRAD_OUT = 1.3
 
 
-def make_inputs(batch, width, dtype=torch.float32, seed=0, offset=0.0):
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(batch, width, generator=g, dtype=torch.float64) * 2.0 + offset
-    teacher = torch.randn(batch, width, generator=g, dtype=torch.float64) * 0.5 - 1.0
-    return student.to(dtype), teacher.to(dtype)
+def srd_case(batch, width, dtype=F32, p=4.0, training=True, backend="cpu", **opts):
+    """An SRD case (opts: ``offset`` of the student, ``teacher_grad``)."""
+    tg = opts.pop("teacher_grad", True)
+    options = tuple(sorted({"p": p, "training": training, **opts}.items()))
+    return Case("srd", backend, dtype, batch, (width,), "auto", tg, options)
 
 
-def make_buffers(width, seed=1):
-    """Running (mean_s, var_s, mean_t, var_t) in float32, as nn.BatchNorm1d keeps them."""
-    g = torch.Generator().manual_seed(seed)
-    mean_s, mean_t = torch.randn(2, width, generator=g)
-    var_s, var_t = torch.rand(2, width, generator=g) * 2.0 + 0.25
-    return [mean_s, var_s, mean_t, var_t]
+def check_identical_inputs(inputs: Inputs, backend: str) -> None:
+    """Identical inputs (and running statistics): loss log(float32's tiny) exactly, finite, and
+    gradients exactly zero (the terms are zero: harness.srd_terms)."""
+    s = inputs.tensors[0]
+    inputs.tensors = [s, s.clone()]
+    if inputs.buffers is not None:
+        inputs.buffers[2:] = [b.clone() for b in inputs.buffers[:2]]
+    got = run(SRD, inputs, backend, "auto", GRAD_OUT)
+    tiny = torch.tensor(torch.finfo(F32).tiny, dtype=got.loss.dtype)
+    assert got.loss.item() == torch.log(tiny).item()
+    assert all(torch.all(g == 0) for g in got.grads)
+    assert_matches(SRD, got, reference64(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
-def run(backend, student, teacher, p, training, buffers=None, teacher_grad=True, eps=1e-4):
-    """Loss, gradients and the (updated) buffer copies of one srd_loss call.
-
-    backend "reference64" is the oracle: the reference on float64 copies of the inputs.
-    """
-    if backend == "reference64":
-        student, teacher = student.double(), teacher.double()
-    xs = student.detach().clone().requires_grad_(True)
-    xt = teacher.detach().clone().requires_grad_(teacher_grad)
-    bufs = [b.clone() for b in buffers] if buffers is not None else [None] * 4
-    if backend == "reference64":
-        loss = reference.srd_loss(xs, xt, p, eps, training, *bufs)
-    else:
-        loss = fastkd.srd_loss(xs, xt, p, eps, training, *bufs, backend=backend)
-    loss.backward()
-    return loss.detach(), xs.grad, xt.grad, bufs
+def check_nan_keeps_student_stats(inputs: Inputs, backend: str) -> None:
+    """A train-mode call with a NaN student feature: NaN loss, the student's running statistics
+    as they were, the (finite) teacher side's updated like the reference's."""
+    inputs.tensors[0][inputs.tensors[0].shape[0] // 2, 0] = float("nan")
+    got = run(SRD, inputs, backend, "auto", GRAD_OUT)
+    want = reference64(SRD, inputs, GRAD_OUT)
+    assert math.isnan(got.loss.item()) and math.isnan(want.loss.item())
+    assert torch.equal(got.buffers[0], inputs.buffers[0])
+    assert torch.equal(got.buffers[1], inputs.buffers[1])
+    assert not torch.equal(got.buffers[2], inputs.buffers[2])
+    for b, w in zip(got.buffers[2:], want.buffers[2:], strict=True):
+        assert_close(b, w, F32, 1e-6)
 
 
-def rel_err(actual, expected, scale=0.0) -> float:
-    """max |actual - expected| / max(max |expected|, scale): a scale-aware relative error."""
-    a, e = actual.detach().double(), expected.detach().double()
-    scale = max(e.abs().max().item(), scale)
-    return (a - e).abs().max().item() / (scale if scale > 0 else 1.0)
+def large_offset_inputs(dtype):
+    """Features around 1e4 and -3e4, some columns spread over a few ulps only."""
+    inputs = SRD.inputs(srd_case(130, 64, F64))
+    student, teacher = inputs.tensors
+    student = student + 1e4
+    student[:, :8] = 1e4 + 1e-3 * student[:, :8]
+    teacher[:, 8:16] = -3e4 + 0.01 * teacher[:, 8:16]
+    inputs.buffers[0] += 1e4
+    inputs.tensors = [student.to(dtype), teacher.to(dtype)]
+    return inputs
 
 
-def train_grad_scales(student, teacher, p, eps=1e-4):
-    """Size of the terms of the train-mode gradient, max |g| * max rstd per side (g = dL/ds).
-
-    d zs = (g - mean_b g - s mean_b(g s)) rstd cancels down to O(eps / var) of its terms when
-    B = 2 (every column normalises to +-1): a rounding error is small next to the terms, not
-    next to the result, so the gradients are compared on this scale too.
-    """
-    zs, zt = student.double(), teacher.double()
-    var_s, var_t = zs.var(0, unbiased=False), zt.var(0, unbiased=False)
-    s = (zs - zs.mean(0)) / (var_s + eps).sqrt()
-    t = (zt - zt.mean(0)) / (var_t + eps).sqrt()
-    d = s - t
-    g = p * d.abs().pow(p - 1) / d.abs().pow(p).sum()
-    g_max = g.abs().max().item()
-    return g_max * (var_s + eps).rsqrt().max().item(), g_max * (var_t + eps).rsqrt().max().item()
-
-
-def assert_matches(fused, ref, tol, *, scales=(0.0, 0.0), buffers_tol=None, what=""):
-    """Compare two ``run`` results: loss, both gradients (on ``scales`` at least), buffers."""
-    loss, gs, gt, bufs = fused
-    rloss, rgs, rgt, rbufs = ref
-    assert rel_err(loss, rloss) <= tol, f"{what} loss {loss.item()} vs {rloss.item()}"
-    err = rel_err(gs, rgs, scales[0])
-    assert err <= tol, f"{what} student grad error {err:.3g}"
-    if gt is not None:
-        err = rel_err(gt, rgt, scales[1])
-        assert err <= tol, f"{what} teacher grad error {err:.3g}"
-    for b, rb in zip(bufs, rbufs, strict=True):
-        if b is not None:
-            assert rel_err(b, rb) <= (buffers_tol or max(tol, 1e-6)), f"{what} running stats"
-
-
-def opcheck_srd_ops(forward_op, backward_op, student, teacher, buffers, grad=None):
-    """torch.library.opcheck of an SRD forward op in training and eval mode (p = 4), and of
-    its backward op on the forward's outputs with upstream ``grad`` unless backward_op is None."""
-    for training in (True, False):
-        args = (
-            student.clone().requires_grad_(),
-            teacher.clone().requires_grad_(),
-            4.0,
-            1e-4,
-            training,
-            *buffers,
-        )
-        torch.library.opcheck(forward_op, args)
-        if backward_op is None:
-            continue
-        out = forward_op(*[a.detach() if torch.is_tensor(a) else a for a in args])
-        bwd = (grad, student, teacher, 4.0, training, *out[1:], True)
-        torch.library.opcheck(backward_op, bwd)
-
-
-def assert_log_tiny_and_zero_grads(result):
-    """A ``run`` on identical inputs: loss log(float32's tiny) (finite), zero gradients."""
-    loss, gs, gt, _ = result
-    tiny = torch.tensor(torch.finfo(torch.float32).tiny, dtype=loss.dtype)
-    assert loss.item() == torch.log(tiny).item()
-    assert torch.all(gs == 0) and torch.all(gt == 0)
-
-
-def assert_nan_loss_keeps_student_stats(result, buffers):
-    """A train-mode ``run`` with a non-finite student feature: NaN loss, and the student's
-    running statistics left as they were."""
-    loss, _, _, bufs = result
-    assert math.isnan(loss.item())
-    assert torch.equal(bufs[0], buffers[0]) and torch.equal(bufs[1], buffers[1])
-
-
-def assert_same_runs(first, second):
-    """Two ``run`` results are bitwise equal: loss and both gradients."""
-    for a, b in zip(first[:3], second[:3], strict=True):
-        assert torch.equal(a, b)
+def shifted_oracle(inputs: Inputs):
+    """The float64 reference on inputs shifted by their first row: the shift is exact (nearby
+    values) and leaves loss and gradients unchanged, while the plain float64 reference loses
+    digits to the offset (1e4 / std 2e-3 times float64's eps)."""
+    s, t = (x.double() for x in inputs.tensors)
+    x0, t0 = s[0].clone(), t[0].clone()
+    rm_s, rv_s, rm_t, rv_t = (b.double() for b in inputs.buffers)
+    shifted = Inputs([s - x0, t - t0], inputs.requires_grad, inputs.options)
+    shifted.buffers = [rm_s - x0, rv_s, rm_t - t0, rv_t]
+    return shifted, reference64(SRD, shifted, GRAD_OUT)

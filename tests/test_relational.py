@@ -1,71 +1,71 @@
-"""SP and RKD-distance through the public API (reference backend) and their bad-input errors.
-The RKD CPU kernel has its own tests (test_rkd.py)."""
-
-import functools
+"""SP and RKD distance against SPEC.md written out independently (tests/spec_formulas.py): the
+value, and the gradients of student and teacher by central differences of those formulas, for
+the explicit and dual SP algorithms and the fused RKD kernels. Plus the SP dual's own cases (a
+zero row, float32 near cancellation). The generic cases are in test_ops.py."""
 
 import pytest
+import spec_formulas as spec
 import torch
+from harness import (
+    F32,
+    F64,
+    OPS,
+    TOL,
+    Case,
+    assert_close,
+    assert_matches,
+    needs_cpu_kernels,
+    needs_triton,
+    reference64,
+    run,
+)
 
 import fastkd
 from fastkd import reference
 
-
-def test_sp_and_rkd_match_reference_with_gradients():
-    torch.manual_seed(1)
-    s = torch.randn(17, 3, 4, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(17, 7, dtype=torch.float64)
-    rkd = functools.partial(fastkd.rkd_distance_loss, backend="reference")
-    for fn, mod, ref in [
-        (fastkd.sp_loss, fastkd.SPLoss(), reference.sp_loss),
-        (rkd, fastkd.RKDDistanceLoss(backend="reference"), reference.rkd_distance_loss),
-    ]:
-        got = fn(s, t)
-        want = ref(s, t)
-        assert got.item() == want.item() == mod(s, t).item()
-        (g,) = torch.autograd.grad(got, s)
-        (w,) = torch.autograd.grad(want, s)
-        torch.testing.assert_close(g, w, rtol=0, atol=0)
-    small = s[:5, 0].detach().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x: fastkd.rkd_distance_loss(x, t[:5]), (small,))
-    assert torch.autograd.gradcheck(lambda x: fastkd.sp_loss(x, t[:5]), (small,))
+GRAD_OUT = -1.3
+SPEC = {"sp": spec.sp, "rkd": spec.rkd_distance}
+PATHS = [
+    pytest.param("sp", "reference", "explicit", id="sp-explicit"),
+    pytest.param("sp", "reference", "dual", id="sp-dual"),
+    pytest.param("rkd", "reference", "auto", id="rkd-reference"),
+    pytest.param("rkd", "cpu", "tiled", id="rkd-cpu", marks=needs_cpu_kernels),
+    pytest.param("rkd", "triton", "tiled", id="rkd-triton", marks=needs_triton),
+]
 
 
-@pytest.mark.parametrize("fn", [fastkd.sp_loss, fastkd.rkd_distance_loss])
-def test_relational_bad_input(fn):
-    with pytest.raises(ValueError, match="at least 2"):
-        fn(torch.randn(1, 3), torch.randn(1, 3))
-    with pytest.raises(ValueError, match="batch size"):
-        fn(torch.randn(3, 3), torch.randn(4, 3))
-    with pytest.raises(ValueError, match="feature dimension"):
-        fn(torch.randn(3), torch.randn(3))
-    with pytest.raises(TypeError, match="teacher"):
-        fn(torch.randn(3, 2), [1, 2, 3])
-    with pytest.raises(TypeError, match="float"):
-        fn(torch.randn(3, 2), torch.ones(3, 2, dtype=torch.int32))
+@pytest.mark.parametrize("op_name,backend,algorithm", PATHS)
+def test_sp_and_rkd_match_spec_with_gradients(op_name, backend, algorithm):
+    op = OPS[op_name]
+    inputs = op.inputs(Case(op_name, backend, F64, 7, (6, 5), algorithm))
+    s, t = inputs.tensors
+    inputs.tensors = [s.reshape(7, 3, 2), t]  # a feature map: flattened to (B, D)
+    got = run(op, inputs, backend, algorithm, GRAD_OUT)
+    rows = [x.flatten(1).tolist() for x in inputs.tensors]
+    assert got.loss.item() == pytest.approx(SPEC[op_name](*rows), rel=1e-12)
+    for i, fd in enumerate(spec.numerical_gradient(SPEC[op_name], rows)):
+        want = GRAD_OUT * torch.tensor(fd, dtype=F64).reshape(inputs.tensors[i].shape)
+        assert_close(got.grads[i], want, F64, 1e-6, what=f"grad[{i}]")
 
 
-@pytest.mark.parametrize("b,ds,dt", [(2, 1, 3), (17, 5, 8), (130, 7, 3), (300, 16, 40)])
-def test_sp_dual_matches_reference(b, ds, dt):
-    torch.manual_seed(b + ds)
-    s = torch.randn(b, ds, dtype=torch.float64, requires_grad=True)
-    t = torch.randn(b, dt, dtype=torch.float64)
-    t[1] = 0.0  # a zero row: its normalised Gram row is zero on both paths
-    got = fastkd.sp_loss(s, t, algorithm="dual")
-    want = reference.sp_loss(s, t)
-    torch.testing.assert_close(got, want, rtol=1e-10, atol=0)
-    (g,) = torch.autograd.grad(got, s)
-    (w,) = torch.autograd.grad(want, s)
-    torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12 * w.abs().max().item())
+@pytest.mark.parametrize("b,widths", [(2, (1, 3)), (17, (5, 8)), (130, (7, 3)), (300, (16, 40))])
+def test_sp_dual_with_a_zero_teacher_row(b, widths):
+    # a zero row: its normalised Gram row is zero on both paths
+    op = OPS["sp"]
+    inputs = op.inputs(Case("sp", "reference", F64, b, widths, "dual"))
+    inputs.tensors[1][1] = 0.0
+    got = run(op, inputs, "reference", "dual", GRAD_OUT)
+    assert_matches(op, got, reference64(op, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
 def test_sp_dual_float32_near_cancellation():
-    torch.manual_seed(2)
-    t = torch.randn(2000, 8)
-    s = t + 1e-3 * torch.randn(2000, 8)
+    gen = torch.Generator().manual_seed(2)
+    t = torch.randn(2000, 8, generator=gen)
+    s = t + 1e-3 * torch.randn(2000, 8, generator=gen)
     got = fastkd.sp_loss(s, t, algorithm="dual")
-    assert got.dtype == torch.float32
+    assert got.dtype == F32
     want = reference.sp_loss(s.double(), t.double())
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+    assert_close(got, want, F32, TOL[F32].value)
     assert fastkd.SPLoss(algorithm="dual")(s, t).item() == got.item()
     with pytest.raises(ValueError, match="algorithm"):
         fastkd.sp_loss(s, t, algorithm="tiled")

@@ -1,34 +1,36 @@
-"""SRD Triton kernels against the float64 reference, in Triton's CPU interpreter (small shapes,
-float32/float16/float64; the interpreter has no bfloat16 math) on CPU tensors, or on the GPU with
-TRITON_INTERPRET=0 (``make test-gpu``)."""
+"""SRD-specific cases of the Triton kernels (fastkd.triton.srd), on the harness: small tiles that
+force every column-block and row-split merge, agreement with the CPU kernels, identical inputs and
+zero-variance columns, non-finite batches, SRDLoss against the CPU module. The generic cases
+(default tiles on odd shapes, raw ops, opcheck, determinism) are in test_ops.py.
 
-import os
+Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py) runs on CPU tensors whatever the
+host has (float32/float16/float64: it has no bfloat16 math); with TRITON_INTERPRET=0
+(``make test-gpu``) the kernels run compiled on the GPU.
+"""
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton's first import (conftest does too)
+import pytest
+import torch
 
+triton_srd = pytest.importorskip("fastkd.triton.srd")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from srd_helpers import (  # noqa: E402
-    TOL,
-    assert_log_tiny_and_zero_grads,
+from harness import (  # noqa: E402
+    F16,
+    F32,
+    F64,
+    TRITON_DEVICE,
+    assert_close,
     assert_matches,
-    assert_nan_loss_keeps_student_stats,
-    make_buffers,
-    make_inputs,
-    opcheck_srd_ops,
-    rel_err,
+    needs_cpu_kernels,
+    needs_triton,
+    reference64,
     run,
-    train_grad_scales,
 )
+from srd_helpers import SRD, check_identical_inputs, check_nan_keeps_student_stats, srd_case  # noqa: E402
 
 import fastkd  # noqa: E402
 
-triton_srd = pytest.importorskip("fastkd.triton.srd")
-# CPU tensors in the interpreter whatever the host has, the GPU only with TRITON_INTERPRET=0.
-from triton_helpers import DEVICE, runs_here  # noqa: E402
-
-pytestmark = runs_here
+pytestmark = needs_triton
+GRAD_OUT = 1.3
 
 # Several column blocks and row splits on small shapes: exercises every merge path.
 SMALL_TILES = {"BLOCK_B": 4, "BLOCK_D": 4, "rows_per_split": 8}
@@ -41,82 +43,65 @@ def tiles(request, monkeypatch):
     return request.param
 
 
-def on_device(*tensors):
-    return [t.to(DEVICE) for t in tensors]
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(triton_srd, "_CONFIG_OVERRIDE", SMALL_TILES)
 
 
 @pytest.mark.parametrize(
     ("shape", "p", "dtype"),
     [
-        ((2, 7), 4.0, torch.float32),
-        ((3, 1), 1.0, torch.float32),
-        ((17, 7), 4.5, torch.float32),
-        ((17, 7), 2.0, torch.float64),
-        ((30, 9), 3.0, torch.float64),
-        ((17, 9), 4.0, torch.float16),
+        ((2, 7), 4.0, F32),
+        ((3, 1), 1.0, F32),
+        ((17, 7), 4.5, F32),
+        ((17, 7), 2.0, F64),
+        ((30, 9), 3.0, F64),
+        ((17, 9), 4.0, F16),
     ],
+    ids=str,
 )
 @pytest.mark.parametrize("training", [True, False])
-def test_triton_matches_reference(tiles, shape, p, dtype, training):
-    student, teacher = on_device(*make_inputs(*shape, dtype=dtype, seed=shape[0] + int(p)))
-    buffers = on_device(*make_buffers(shape[1]))
-    fused = run("triton", student, teacher, p, training, buffers)
-    ref = run("reference64", student, teacher, p, training, buffers)
-    assert fused[0].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert fused[1].dtype == dtype and fused[2].dtype == dtype
-    scales = train_grad_scales(student, teacher, p) if training else (0.0, 0.0)
-    assert_matches(fused, ref, TOL[dtype], scales=scales, what=f"{tiles} {shape} p={p}")
+def test_small_tiles_match_reference(small_tiles, shape, p, dtype, training):
+    # the default tiles run the same grid in test_ops.py
+    inputs = SRD.inputs(srd_case(*shape, dtype, p, training, backend="triton"))
+    got = run(SRD, inputs, "triton", "auto", GRAD_OUT)
+    assert_matches(SRD, got, reference64(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
-def test_triton_matches_cpu_kernels_on_odd_shape(tiles):
-    student, teacher = make_inputs(21, 13, dtype=torch.float32, seed=21, offset=1e4)
-    buffers = make_buffers(13)
-    cpu = run("cpu", student, teacher, 4.0, True, buffers)
-    tri = run("triton", *on_device(student, teacher), 4.0, True, on_device(*buffers))
-    for a, b in zip(cpu[:3], tri[:3], strict=True):
-        assert rel_err(b.cpu(), a) <= 2e-6
-    for a, b in zip(cpu[3], tri[3], strict=True):
-        assert rel_err(b.cpu(), a) <= 1e-6
+@needs_cpu_kernels
+def test_matches_cpu_kernels_on_odd_shape(tiles):
+    inputs = SRD.inputs(srd_case(21, 13, offset=1e4))
+    cpu = run(SRD, inputs, "cpu")
+    tri = run(SRD, inputs.map(lambda x: x.to(TRITON_DEVICE)), "triton")
+    for a, b in zip([cpu.loss, *cpu.grads], [tri.loss, *tri.grads], strict=True):
+        assert_close(b, a.double(), F32, 2e-6)
+    for a, b in zip(cpu.buffers, tri.buffers, strict=True):
+        assert_close(b, a.double(), F32, 1e-6)
 
 
-def test_triton_identical_inputs_and_zero_variance(tiles):
-    x, _ = make_inputs(9, 6, dtype=torch.float32, seed=22)
-    x[:, 1] = 3.0
-    (x,) = on_device(x)
-    assert_log_tiny_and_zero_grads(run("triton", x, x.clone(), 4.0, True))
+def test_identical_inputs_and_zero_variance(tiles):
+    inputs = SRD.inputs(srd_case(9, 6, backend="triton"))
+    inputs.tensors[0][:, 1] = 3.0
+    check_identical_inputs(inputs, "triton")
 
 
-def test_triton_non_finite_input_keeps_running_stats():
-    student, teacher = make_inputs(9, 5, seed=23)
-    student[4, 0] = float("nan")
-    student, teacher = on_device(student, teacher)
-    buffers = on_device(*make_buffers(5))
-    fused = run("triton", student, teacher, 4.0, True, buffers)
-    assert_nan_loss_keeps_student_stats(fused, buffers)
-    assert not torch.equal(fused[3][2], buffers[2])
+def test_non_finite_input_keeps_running_stats():
+    check_nan_keeps_student_stats(SRD.inputs(srd_case(9, 5, backend="triton")), "triton")
 
 
-def test_triton_opcheck():
-    student, teacher = on_device(*make_inputs(6, 5, dtype=torch.float32, seed=24))
-    buffers = on_device(*make_buffers(5))
-    grad = torch.tensor(0.5, device=DEVICE)
-    opcheck_srd_ops(
-        triton_srd.srd_forward, triton_srd.srd_backward, student, teacher, buffers, grad=grad
-    )
-
-
-def test_triton_module_matches_cpu_module():
+@needs_cpu_kernels
+def test_module_matches_cpu_module():
     torch.manual_seed(3)
-    tri = fastkd.SRDLoss(6, 4, backend="triton").to(DEVICE)
+    tri = fastkd.SRDLoss(6, 4, backend="triton").to(TRITON_DEVICE)
     cpu = fastkd.SRDLoss(6, 4, backend="cpu")
     cpu.load_state_dict({k: v.cpu() for k, v in tri.state_dict().items()})
     for _ in range(2):
         fs, ft = torch.randn(10, 6), torch.randn(10, 4)
-        a = tri(*on_device(fs, ft))
+        a = tri(fs.to(TRITON_DEVICE), ft.to(TRITON_DEVICE))
         b = cpu(fs, ft)
         a.backward()
         b.backward()
-        assert rel_err(a.cpu(), b) <= 1e-6
-        assert rel_err(tri.projector.weight.grad.cpu(), cpu.projector.weight.grad) <= 1e-5
+        assert_close(a, b, F32, 1e-6)
+        assert_close(tri.projector.weight.grad, cpu.projector.weight.grad, F32, 1e-5)
     for name, buf in cpu.named_buffers():
         torch.testing.assert_close(tri.get_buffer(name).cpu(), buf)

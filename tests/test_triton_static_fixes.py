@@ -26,7 +26,9 @@ import torch
 pytest.importorskip("triton")
 
 import triton.language as tl  # noqa: E402
-from triton_helpers import DEVICE, INTERPRET, runs_here  # noqa: E402
+from harness import INTERPRET  # noqa: E402
+from harness import TRITON_DEVICE as DEVICE  # noqa: E402
+from harness import needs_triton as runs_here
 
 from fastkd import reference  # noqa: E402
 from fastkd.triton import fkd as triton_fkd  # noqa: E402

@@ -312,8 +312,6 @@ def _integer_power(p: float) -> int:
     return int(p) if p == math.floor(p) and 1 <= p <= MAX_INTEGER_POWER else 0
 
 
-
-
 # Tests set this to {"BLOCK_B": ..., "BLOCK_D": ..., "rows_per_split": ...} to exercise the
 # multi-block and multi-split paths on small shapes.
 _CONFIG_OVERRIDE: dict | None = None
