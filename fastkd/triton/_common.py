@@ -3,8 +3,9 @@ input checks (from :mod:`fastkd.validation`) and the tile helpers used by FKD an
 
 Host-side policy:
   * accumulation in float32, float64 if any input is float64 (:func:`fastkd.reference.loss_dtype`);
-  * ``tl.dot`` on float32 operands is full IEEE float32 whatever torch's global TF32 flags say
-    (reading ``allow_tf32`` raises in torch 2.14 once ``fp32_precision`` is set);
+  * ``tl.dot`` on float32 operands follows the op's ``precision`` argument (SPEC §6,
+    :func:`dot_precision`), never torch's global TF32 flags (reading ``allow_tf32`` raises in
+    torch 2.14 once ``fp32_precision`` is set, and a global flag should not change a loss);
   * launches run under :func:`device_guard` so a kernel goes to its inputs' GPU whatever the
     current device is;
   * block sizes are a fixed heuristic (:func:`block_config`), no autotuning: results never
@@ -23,6 +24,7 @@ import triton.language as tl
 from fastkd.reference import NORM_EPS
 from fastkd.validation import (  # noqa: F401  (re-exported for the op modules)
     check_grad,
+    check_precision,
     check_triton_device,
     check_triton_inputs,
     interpreter_enabled,
@@ -56,6 +58,17 @@ def device_guard(x: torch.Tensor):
     if x.device.type == "cuda":
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
+
+
+def dot_precision(precision: str, acc: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot`` (a constexpr) for the op argument
+    ``precision`` ("ieee" | "tf32x3" | "tf32", checked here) and the accumulation dtype ``acc``.
+
+    float32 accumulation: ``precision`` itself ("tf32x3" is Triton's split hi/lo product, three
+    TF32 MMAs). float64: "ieee" (fp64 dots have no TF32 form). 16-bit operands never read it
+    (``_mma`` calls ``tl.dot`` without it: their products are exact in the fp32 accumulator)."""
+    check_precision(precision)
+    return precision if acc == torch.float32 else "ieee"
 
 
 def block_config(
@@ -96,7 +109,7 @@ def block_config(
 
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b. The TF32/IEEE choice only means something for 32/64-bit operands."""
+    """acc + a @ b. ``PRECISION`` (:func:`dot_precision`) only applies to 32/64-bit operands."""
     if a.dtype == tl.float16 or a.dtype == tl.bfloat16:
         acc = tl.dot(a, b, acc)
     else:
