@@ -224,7 +224,7 @@ def test_public_api():
     assert_close(loss, ref_loss, 1e-5)
     module = fastkd.FKDLoss(0.9, 0.2, backend="triton", algorithm="tiled")
     assert_close(module(student, teachers).detach(), ref_loss, 1e-5)
-    loss = fastkd.FKDFunction.apply("triton", 0.9, 0.2, student, *teachers)
+    loss = fastkd.FKDFunction.apply("triton", "ieee", 0.9, 0.2, student, *teachers)
     (gs,) = torch.autograd.grad(loss, student)
     assert_close(gs, ref_gs, 1e-5)
     assert resolve_backend("fkd", "triton", student.device) == "triton"
