@@ -72,7 +72,12 @@ def dot_precision(precision: str, acc: torch.dtype) -> str:
 
 
 def block_config(
-    batch: int, widths: list[int], dtype: torch.dtype, interpret: bool, op: str = "fkd"
+    batch: int,
+    widths: list[int],
+    dtype: torch.dtype,
+    interpret: bool,
+    op: str = "fkd",
+    precision: str = "ieee",
 ) -> dict:
     """Block sizes of the tiled FKD and RKD kernels: a fixed heuristic (no autotuning).
 
@@ -82,7 +87,9 @@ def block_config(
     BLOCK x BLOCK_N = 64 x 32 (64 x 16 for float32 FKD: its dots run on the FMA units) with a
     64 x BLOCK_DO = 64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for
     fp64), 8 warps. Small problems shrink the blocks to the next power of two, never below 16
-    (the tl.dot minimum). The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
+    (the tl.dot minimum). float32 RKD with ``precision="tf32x3"`` (hi/lo operand tiles) uses a
+    64 x 64 gradient accumulator (BLOCK_DO = 64): at 128 its grad kernel spills inside the loop
+    on sm_90. The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
     != BLOCK, so that small test shapes cover several row blocks, K chunks and output chunks.
     """
     if interpret:
@@ -93,11 +100,13 @@ def block_config(
     # spills inside the loop on sm_80, 64 x 16 does not; RKD's grad kernel is the other way
     # round on sm_90 (ptxas caps it at 128 registers and spills). See tools/gpu_static.
     block_n = 16 if dtype == torch.float32 and op == "fkd" else 32
+    split_rkd = op == "rkd" and dtype == torch.float32 and precision == "tf32x3"
     return {
         "BLOCK": block,
         "BLOCK_N": min(block_n, block),
         "BLOCK_K": min(block_k, max(16, pow2(max(widths)))),
-        "BLOCK_DO": 64 if dtype == torch.float64 else 128,  # fp64 accumulators: half the width
+        # fp64 accumulators, and RKD's tf32x3 split tiles: half the width (registers)
+        "BLOCK_DO": 64 if dtype == torch.float64 or split_rkd else 128,
         "num_warps": 8,
     }
 

@@ -302,9 +302,10 @@ class _Problem:
         self.batch = b = student.shape[0]
         self.interpret = interpret
         dtype = max((student, teacher), key=lambda t: t.element_size()).dtype
-        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret, op="rkd")
         # The op argument, never torch's global TF32 flag (SPEC §6).
         self.precision = dot_precision(precision, self.acc)
+        widths = [student.shape[1], teacher.shape[1]]
+        self.cfg = block_config(b, widths, dtype, interpret, op="rkd", precision=self.precision)
         self.sq = torch.empty((2, b), dtype=self.acc, device=student.device)
         scratch = torch.empty(b, dtype=self.acc, device=student.device)
         for row, x in enumerate((student, teacher)):

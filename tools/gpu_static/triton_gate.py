@@ -287,8 +287,13 @@ def _rkd_variants(sweep: str) -> Iterator[Variant]:
             if (key := (tuple(sorted(cfg.items())), block_do)) in seen:
                 continue
             seen.add(key)
-            label = _label(batch, width, cfg, block_do)
             for precision in _precisions(dt, sweep):
+                # the launch code's config for this precision (tf32x3 narrows BLOCK_DO)
+                cfg = block_config(
+                    batch, [width, width], dt, interpret=False, op="rkd", precision=precision
+                )
+                block_do = min(cfg["BLOCK_DO"], max(16, _pow2(width)))
+                label = _label(batch, width, cfg, block_do)
                 common = dict(
                     s_ptr=_ptr(dt), s_stride_r=width, s_stride_c=1, s_width=width,
                     t_ptr=_ptr(dt), t_stride_r=width, t_stride_c=1, t_width=width,
