@@ -362,3 +362,18 @@ def test_tf32_accuracy_model():
     err_x3 = abs(_model_loss(s, t, True) - exact) / exact
     assert 1e-6 < err_tf32 < 5e-3, err_tf32
     assert err_x3 < 2e-6, err_x3
+
+
+@needs_triton
+def test_block_config_narrows_rkd_tf32x3():
+    """float32 RKD at "tf32x3" halves the gradient accumulator (its grad kernel spilled inside
+    the loop on sm_90 at 64 x 128, found by tools/gpu_static); other choices keep 128."""
+    from fastkd.triton._common import block_config
+
+    def do(op, dtype, precision):
+        return block_config(4096, [512], dtype, False, op=op, precision=precision)["BLOCK_DO"]
+
+    assert do("rkd", torch.float32, "tf32x3") == 64
+    assert do("rkd", torch.float32, "tf32") == do("rkd", torch.float32, "ieee") == 128
+    assert do("fkd", torch.float32, "tf32x3") == 128
+    assert do("rkd", torch.float16, "tf32x3") == 128
