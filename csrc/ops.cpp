@@ -6,16 +6,21 @@
 
 TORCH_LIBRARY(fastkd, m) {
   // FKD (SPEC §1). Returns the 0-dim loss in the accumulation dtype (float64 if any input is
-  // float64, else float32).
-  m.def("fkd_forward(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight) -> Tensor");
+  // float64, else float32). `precision` (FKD and RKD, SPEC §6): the products of float32 inputs,
+  // "ieee" | "tf32x3" | "tf32"; the CUDA kernels honour it, the CPU kernels accept it and always
+  // compute full fp32; 16-bit and float64 inputs ignore it.
+  m.def("fkd_forward(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight, "
+        "str precision=\"ieee\") -> Tensor");
   // Gradient of fkd_forward scaled by `grad`; grad_teachers is empty unless teachers_grad.
   m.def(
       "fkd_backward(Tensor grad, Tensor student, Tensor[] teachers, float kd_weight, "
-      "float fr_weight, bool teachers_grad) -> (Tensor grad_student, Tensor[] grad_teachers)");
+      "float fr_weight, bool teachers_grad, str precision=\"ieee\") -> (Tensor grad_student, "
+      "Tensor[] grad_teachers)");
   // Loss and its gradients (for grad = 1) in one pass; optional per backend.
   m.def(
       "fkd_forward_backward(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight, "
-      "bool teachers_grad) -> (Tensor loss, Tensor grad_student, Tensor[] grad_teachers)");
+      "bool teachers_grad, str precision=\"ieee\") -> (Tensor loss, Tensor grad_student, "
+      "Tensor[] grad_teachers)");
 
   // SRD (SPEC §3). student and teacher: (B, D), same dtype. Returns the 0-dim loss and S in the
   // accumulation dtype, each side's (4, D) statistics [mean, biased var, mean - z[0], rstd]
@@ -34,14 +39,16 @@ TORCH_LIBRARY(fastkd, m) {
 
   // RKD distance (SPEC §2). student (B, Ds), teacher (B, Dt), B >= 2. Returns the 0-dim loss in
   // the accumulation dtype.
-  m.def("rkd_forward(Tensor student, Tensor teacher) -> Tensor");
+  m.def("rkd_forward(Tensor student, Tensor teacher, str precision=\"ieee\") -> Tensor");
   // Gradient of rkd_forward scaled by `grad`; grad_teacher is empty unless teacher_grad.
   m.def(
-      "rkd_backward(Tensor grad, Tensor student, Tensor teacher, bool teacher_grad) -> "
+      "rkd_backward(Tensor grad, Tensor student, Tensor teacher, bool teacher_grad, "
+      "str precision=\"ieee\") -> "
       "(Tensor grad_student, Tensor grad_teacher)");
   // Loss and its gradients (for grad = 1) from one set of sweeps.
   m.def(
-      "rkd_forward_backward(Tensor student, Tensor teacher, bool teacher_grad) -> "
+      "rkd_forward_backward(Tensor student, Tensor teacher, bool teacher_grad, "
+      "str precision=\"ieee\") -> "
       "(Tensor loss, Tensor grad_student, Tensor grad_teacher)");
 }
 

@@ -229,6 +229,20 @@ def check_algorithm(algorithm: object, choices: Sequence[str]) -> str:
     return algorithm
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
+def check_precision(precision: object) -> str:
+    """``precision`` of FKD and RKD (SPEC §6): "ieee" (full fp32 products, the default),
+    "tf32x3" (split fp32 on tensor cores, ~fp32 accuracy) or "tf32" (one TF32 product, ~1e-3
+    relative). A ``str``; anything else is a TypeError, an unknown name a ValueError."""
+    if not isinstance(precision, str):
+        raise TypeError(f"precision must be a str, got {type(precision).__name__}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return precision
+
+
 def check_bool(value: object, name: str) -> bool:
     """A Python bool (a flag such as ``training`` or ``global_batch``; 0/1 ints are refused so
     that a misplaced positional argument is caught)."""

@@ -141,7 +141,7 @@ def test_public_entry_points():
     module = fastkd.FKDLoss(0.9, 0.2, backend="triton", algorithm="tiled")
     assert_close(module(s, ts), want.loss, F32, TOL[F32].value)
     leaf = s.clone().requires_grad_()
-    loss = fastkd.FKDFunction.apply("triton", 0.9, 0.2, leaf, *ts)
+    loss = fastkd.FKDFunction.apply("triton", "ieee", 0.9, 0.2, leaf, *ts)
     (gs,) = torch.autograd.grad(loss, leaf, torch.tensor(GRAD_OUT, device=loss.device))
     _, terms = FKD.terms(inputs.to64(), GRAD_OUT, F32)
     assert_close(gs, want.grads[0], F32, TOL[F32].grad, terms[0])

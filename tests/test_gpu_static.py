@@ -170,9 +170,21 @@ def test_gate_ci_sweep(tmp_path):
         sixteen = r["dtype"] in ("fp16", "bf16")
         if r["op"] == "fkd" and sixteen and r["kernel"] != "_row_norm_kernel":
             assert r["ptx"]["mma" if r["arch"] == 80 else "wgmma"] > 0, where
+        # SPEC §6 / issue 13 item 1: float32 "tf32" and "tf32x3" FKD/RKD tiles on tensor cores
+        if r["dtype"] == "fp32" and r["op"] in ("fkd", "rkd") and r["hot"]:
+            if r["precision"] in ("tf32", "tf32x3"):
+                assert r["ptx"]["mma" if r["arch"] == 80 else "wgmma"] > 0, where
+            else:
+                assert r["ptx"]["mma"] + r["ptx"]["wgmma"] == 0, where  # ieee: FMA units
     for dtype in ("fp16", "bf16", "fp32", "fp64"):
         for arch in ARCHS:
             assert any(r["dtype"] == dtype and r["arch"] == arch for r in triton)
+    # every precision of the op argument is compiled for the float32 FKD and RKD tiles
+    for kernel in ("_fkd_forward_kernel", "_fkd_backward_kernel", "_rkd_sums_kernel",
+                   "_rkd_grad_kernel"):  # fmt: skip
+        precisions = {r["precision"] for r in triton if r["kernel"] == kernel
+                      and r["dtype"] == "fp32"}  # fmt: skip
+        assert precisions == {"ieee", "tf32x3", "tf32"}, kernel
     # the CUDA kernels (when the extension was built with them) for both arches
     if result["cuda"]:
         archs = {k["arch"] for k in result["cuda"]}

@@ -72,8 +72,10 @@ Normalized normalize_inputs(const at::Tensor& student, at::TensorList teachers,
   return n;
 }
 
-void check_inputs(const at::Tensor& student, at::TensorList teachers) {
+void check_inputs(const at::Tensor& student, at::TensorList teachers,
+                  c10::string_view precision) {
   constexpr const char* op = "fastkd::fkd";
+  check_precision(precision, op);
   check_student(student, op);
   TORCH_CHECK(!teachers.empty(), op, ": at least one teacher is required");
   for (const auto& t : teachers) check_partner(student, t, op, "each teacher");
@@ -273,9 +275,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_grad_impl(
   return {grad_student.to(student.scalar_type()), grad_teachers};
 }
 
+// `precision` is checked, then ignored: the CPU always forms full fp32 products, never less
+// accurate than asked (SPEC §6).
 at::Tensor fkd_forward_cpu(const at::Tensor& student, at::TensorList teachers, double kd_weight,
-                           double fr_weight) {
-  check_inputs(student, teachers);
+                           double fr_weight, c10::string_view precision) {
+  check_inputs(student, teachers, precision);
   const at::ScalarType acc = acc_type_of(student, teachers);
   if (acc == at::kDouble) return fkd_forward_impl<double>(student, teachers, kd_weight, fr_weight, acc);
   return fkd_forward_impl<float>(student, teachers, kd_weight, fr_weight, acc);
@@ -283,8 +287,8 @@ at::Tensor fkd_forward_cpu(const at::Tensor& student, at::TensorList teachers, d
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_backward_cpu(
     const at::Tensor& grad, const at::Tensor& student, at::TensorList teachers, double kd_weight,
-    double fr_weight, bool teachers_grad) {
-  check_inputs(student, teachers);
+    double fr_weight, bool teachers_grad, c10::string_view precision) {
+  check_inputs(student, teachers, precision);
   const at::ScalarType acc = acc_type_of(student, teachers);
   const double g = grad.item<double>();
   if (acc == at::kDouble)
@@ -296,8 +300,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_backward_cpu(
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fkd_forward_backward_cpu(
     const at::Tensor& student, at::TensorList teachers, double kd_weight, double fr_weight,
-    bool teachers_grad) {
-  check_inputs(student, teachers);
+    bool teachers_grad, c10::string_view precision) {
+  check_inputs(student, teachers, precision);
   const at::ScalarType acc = acc_type_of(student, teachers);
   double value = 0;
   auto [grad_student, grad_teachers] =

@@ -158,8 +158,12 @@ double ordered_sum(const std::vector<double>& v) {
   return total;
 }
 
-void check_inputs(const at::Tensor& student, const at::Tensor& teacher) {
+// `precision` is checked, then ignored: the CPU always forms full fp32 products, never less
+// accurate than asked (SPEC §6).
+void check_inputs(const at::Tensor& student, const at::Tensor& teacher,
+                  c10::string_view precision) {
   constexpr const char* op = "fastkd::rkd";
+  check_precision(precision, op);
   check_student(student, op, 2);
   check_partner(student, teacher, op, "teacher");
 }
@@ -203,8 +207,9 @@ std::tuple<double, at::Tensor, at::Tensor> rkd_impl(const at::Tensor& student,
   return {value, grad_student, grad_teacher};
 }
 
-at::Tensor rkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher) {
-  check_inputs(student, teacher);
+at::Tensor rkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                           c10::string_view precision) {
+  check_inputs(student, teacher, precision);
   const at::ScalarType acc = acc_type_of(student, teacher);
   double value;
   if (acc == at::kDouble) {
@@ -219,8 +224,9 @@ at::Tensor rkd_forward_cpu(const at::Tensor& student, const at::Tensor& teacher)
 
 std::tuple<at::Tensor, at::Tensor> rkd_backward_cpu(const at::Tensor& grad,
                                                     const at::Tensor& student,
-                                                    const at::Tensor& teacher, bool teacher_grad) {
-  check_inputs(student, teacher);
+                                                    const at::Tensor& teacher, bool teacher_grad,
+                                                    c10::string_view precision) {
+  check_inputs(student, teacher, precision);
   const at::ScalarType acc = acc_type_of(student, teacher);
   const double g = grad.item<double>();
   auto [value, gs, gt] = acc == at::kDouble
@@ -232,8 +238,9 @@ std::tuple<at::Tensor, at::Tensor> rkd_backward_cpu(const at::Tensor& grad,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_backward_cpu(const at::Tensor& student,
                                                                         const at::Tensor& teacher,
-                                                                        bool teacher_grad) {
-  check_inputs(student, teacher);
+                                                                        bool teacher_grad,
+                                                                        c10::string_view precision) {
+  check_inputs(student, teacher, precision);
   const at::ScalarType acc = acc_type_of(student, teacher);
   auto [value, gs, gt] = acc == at::kDouble
                              ? rkd_impl<double>(student, teacher, 1.0, teacher_grad, acc)

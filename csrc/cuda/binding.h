@@ -41,6 +41,11 @@ inline DType dtype_of(at::ScalarType t, const char* op) {
   }
 }
 
+// The `precision` op argument as the kernels' enum (a ValueError for anything else).
+inline Precision precision_of(c10::string_view precision, const char* op) {
+  return static_cast<Precision>(check_precision(precision, op));
+}
+
 // An input of a CUDA kernel: on a CUDA device, one of the four float dtypes.
 inline void check_cuda_features(const at::Tensor& x, const char* op, const char* name) {
   TORCH_CHECK(x.is_cuda(), op, " (CUDA): ", name, " must be a CUDA tensor, got ", x.device());

@@ -49,7 +49,7 @@ struct Call {
 };
 
 Call prepare(const at::Tensor& student, at::TensorList teachers, double kd_weight,
-             double fr_weight, bool teachers_grad, int sm_count) {
+             double fr_weight, bool teachers_grad, cuda::Precision precision, int sm_count) {
   Call c;
   c.op = operand_type(student, teachers);
   c.acc = c.op == at::kDouble ? at::kDouble : at::kFloat;
@@ -72,15 +72,17 @@ Call prepare(const at::Tensor& student, at::TensorList teachers, double kd_weigh
   a.kd_weight = kd_weight;
   a.fr_weight = fr_weight;
   a.teachers_grad = teachers_grad;
+  a.precision = precision;
   a.sm_count = sm_count;
   return c;
 }
 
 at::Tensor fkd_forward_cuda(const at::Tensor& student, at::TensorList teachers, double kd_weight,
-                            double fr_weight) {
+                            double fr_weight, c10::string_view precision) {
   check_inputs(student, teachers);
+  const cuda::Precision prec = cuda::precision_of(precision, kOp);
   const cuda::Launch launch(student);
-  Call c = prepare(student, teachers, kd_weight, fr_weight, false, launch.sm_count);
+  Call c = prepare(student, teachers, kd_weight, fr_weight, false, prec, launch.sm_count);
   at::Tensor loss = at::empty({}, student.options().dtype(c.acc));
   c.args.loss = loss.data_ptr();
   const at::Tensor ws = launch.workspace(
@@ -96,11 +98,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gradients(const at::Tensor* grad
                                                           const at::Tensor& student,
                                                           at::TensorList teachers,
                                                           double kd_weight, double fr_weight,
-                                                          bool teachers_grad, at::Tensor* loss) {
+                                                          bool teachers_grad,
+                                                          c10::string_view precision,
+                                                          at::Tensor* loss) {
   check_inputs(student, teachers);
+  const cuda::Precision prec = cuda::precision_of(precision, kOp);
   TORCH_CHECK(grad == nullptr || grad->numel() == 1, kOp, "_backward: grad must hold one value");
   const cuda::Launch launch(student);
-  Call c = prepare(student, teachers, kd_weight, fr_weight, teachers_grad, launch.sm_count);
+  Call c = prepare(student, teachers, kd_weight, fr_weight, teachers_grad, prec, launch.sm_count);
   const cuda::Pass pass = loss ? cuda::Pass::kForwardBackward : cuda::Pass::kBackward;
   const auto op_opts = student.options().dtype(c.op);
   // Stays on the device: the kernels read it (no host sync).
@@ -130,16 +135,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> gradients(const at::Tensor* grad
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> fkd_backward_cuda(
     const at::Tensor& grad, const at::Tensor& student, at::TensorList teachers, double kd_weight,
-    double fr_weight, bool teachers_grad) {
-  return gradients(&grad, student, teachers, kd_weight, fr_weight, teachers_grad, nullptr);
+    double fr_weight, bool teachers_grad, c10::string_view precision) {
+  return gradients(&grad, student, teachers, kd_weight, fr_weight, teachers_grad, precision,
+                   nullptr);
 }
 
 std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> fkd_forward_backward_cuda(
     const at::Tensor& student, at::TensorList teachers, double kd_weight, double fr_weight,
-    bool teachers_grad) {
+    bool teachers_grad, c10::string_view precision) {
   at::Tensor loss;
-  auto [grad_student, grad_teachers] =
-      gradients(nullptr, student, teachers, kd_weight, fr_weight, teachers_grad, &loss);
+  auto [grad_student, grad_teachers] = gradients(nullptr, student, teachers, kd_weight,
+                                                 fr_weight, teachers_grad, precision, &loss);
   return {loss, grad_student, grad_teachers};
 }
 

@@ -90,6 +90,14 @@ __device__ __forceinline__ void store(double* p, V v) {
 }
 #endif
 
+// How the float32 products of FKD and RKD are formed (SPEC §6; the `precision` op argument). Only
+// float32 operands read it: 16-bit products are exact in the fp32 accumulator, float64 stays
+// float64. kIeee: every product in fp32 (FMA units). kTf32: one TF32 tensor-core product (10-bit
+// mantissas, ~1e-3 relative). kTf32x3: x = hi + lo with hi = tf32(x), lo = tf32(x - hi), and
+// a.b = hi_a.hi_b + hi_a.lo_b + lo_a.hi_b on tensor cores (~fp32 accuracy). Never read from
+// torch's global TF32 flags.
+enum class Precision : int { kIeee = 0, kTf32 = 1, kTf32x3 = 2 };
+
 // Which op of csrc/ops.cpp a launcher runs; the workspace depends on it.
 enum class Pass { kForward, kBackward, kForwardBackward };
 

@@ -28,8 +28,10 @@ struct Result {
 // One op call. `grad`: the 0-dim upstream gradient (null: 1); pass kForward runs sweeps 1 and 2
 // only.
 Result rkd_cuda_impl(const at::Tensor& student_in, const at::Tensor& teacher_in,
-                     const at::Tensor* grad, cuda::Pass pass, bool teacher_grad) {
+                     const at::Tensor* grad, cuda::Pass pass, bool teacher_grad,
+                     c10::string_view precision) {
   check_inputs(student_in, teacher_in);
+  const cuda::Precision prec = cuda::precision_of(precision, kOp);
   const cuda::Launch launch(student_in);
   const at::ScalarType acc = acc_type_of(student_in, teacher_in);
   // Operand copies only where needed (other dtype or non-contiguous): O(B*D).
@@ -42,6 +44,7 @@ Result rkd_cuda_impl(const at::Tensor& student_in, const at::Tensor& teacher_in,
   a.teacher_width = teacher.size(1);
   a.student = student.const_data_ptr();
   a.teacher = teacher.const_data_ptr();
+  a.precision = prec;
   a.sm_count = launch.sm_count;
 
   Result out;
@@ -76,20 +79,25 @@ Result rkd_cuda_impl(const at::Tensor& student_in, const at::Tensor& teacher_in,
   return out;
 }
 
-at::Tensor rkd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher) {
-  return rkd_cuda_impl(student, teacher, nullptr, cuda::Pass::kForward, false).loss;
+at::Tensor rkd_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
+                            c10::string_view precision) {
+  return rkd_cuda_impl(student, teacher, nullptr, cuda::Pass::kForward, false, precision).loss;
 }
 
 std::tuple<at::Tensor, at::Tensor> rkd_backward_cuda(const at::Tensor& grad,
                                                      const at::Tensor& student,
-                                                     const at::Tensor& teacher, bool teacher_grad) {
-  Result r = rkd_cuda_impl(student, teacher, &grad, cuda::Pass::kBackward, teacher_grad);
+                                                     const at::Tensor& teacher, bool teacher_grad,
+                                                     c10::string_view precision) {
+  Result r =
+      rkd_cuda_impl(student, teacher, &grad, cuda::Pass::kBackward, teacher_grad, precision);
   return {r.grad_student, r.grad_teacher};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> rkd_forward_backward_cuda(
-    const at::Tensor& student, const at::Tensor& teacher, bool teacher_grad) {
-  Result r = rkd_cuda_impl(student, teacher, nullptr, cuda::Pass::kForwardBackward, teacher_grad);
+    const at::Tensor& student, const at::Tensor& teacher, bool teacher_grad,
+    c10::string_view precision) {
+  Result r = rkd_cuda_impl(student, teacher, nullptr, cuda::Pass::kForwardBackward, teacher_grad,
+                           precision);
   return {r.loss, r.grad_student, r.grad_teacher};
 }
 

@@ -50,6 +50,7 @@ from fastkd.distributed.plan import _fkd_shapes, plan_for
 from fastkd.losses.fkd import fkd_loss
 from fastkd.reference import NORM_EPS
 from fastkd.registry import resolve_backend
+from fastkd.validation import check_precision
 
 
 def _normalized(x: torch.Tensor, scale: float = 1.0):
@@ -161,6 +162,7 @@ def global_fkd_loss(
     *,
     algorithm: str = "auto",
     backend: str | None = None,
+    precision: str = "ieee",
     process_group=None,
 ) -> torch.Tensor:
     """FKD loss over the global batch (all ranks' rows concatenated in rank order; SPEC §5).
@@ -180,6 +182,8 @@ def global_fkd_loss(
         backend: fused backend of the tiled path ("auto" | "cpu" | "cuda" | "triton" |
             "reference"; None reads $FASTKD_BACKEND); the dual path is plain GEMMs on the
             features' device and ignores it.
+        precision: float32 products of the tiled path's kernels (SPEC §6), as in
+            :func:`fastkd.fkd_loss`; the dual path ignores it (full fp32 or better).
         process_group: None for the default group.
 
     Returns:
@@ -198,6 +202,7 @@ def global_fkd_loss(
     def check():
         teachers, fields = _fkd_shapes(student, teacher, algorithm)
         resolve_backend("fkd", backend, student.device)  # also on the dual path: no typo passes
+        check_precision(precision)
         return (
             teachers,
             fields,
@@ -216,7 +221,9 @@ def global_fkd_loss(
         return _GlobalFKDDual.apply(kd, fr, hs, group, student, *teachers)
 
     def loss_fn(s, *ts):
-        return fkd_loss(s, list(ts), kd, fr, backend=backend, algorithm="tiled")
+        return fkd_loss(
+            s, list(ts), kd, fr, backend=backend, algorithm="tiled", precision=precision
+        )
 
     return gathered_loss(
         loss_fn, hs, group, student.contiguous(), *[t.contiguous() for t in teachers]

@@ -23,7 +23,7 @@ from fastkd.distributed.collectives import (
 )
 from fastkd.losses.rkd import ALGORITHMS, rkd_distance_loss
 from fastkd.registry import resolve_backend
-from fastkd.validation import check_algorithm
+from fastkd.validation import check_algorithm, check_precision
 
 
 @torch.compiler.disable(reason=COMPILE_REASON)
@@ -33,6 +33,7 @@ def global_rkd_distance_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    precision: str = "ieee",
     process_group=None,
 ) -> torch.Tensor:
     """RKD distance loss over the global batch (all ranks' rows in rank order).
@@ -46,6 +47,8 @@ def global_rkd_distance_loss(
         backend: fused backend run on the gathered batch ("auto" | "cpu" | "cuda" | "triton" |
             "reference"; None reads $FASTKD_BACKEND).
         algorithm: "auto" or "tiled" (the only one), as in :func:`fastkd.rkd_distance_loss`.
+        precision: float32 products of the kernels (SPEC §6), as in
+            :func:`fastkd.rkd_distance_loss`.
         process_group: None for the default group.
 
     Returns:
@@ -63,6 +66,7 @@ def global_rkd_distance_loss(
         t = _inputs.features(teacher, "teacher", flatten=True)
         _inputs.same_rows(s, "student", t, "teacher")
         check_algorithm(algorithm, ALGORITHMS)
+        check_precision(precision)
         resolve_backend("rkd", backend, s.device)
         fields = [
             ("student width", s.shape[1]),
@@ -80,6 +84,6 @@ def global_rkd_distance_loss(
     hs = handshake("rkd", group, device, s.shape[0], fields)
 
     def loss_fn(gs, gt):
-        return rkd_distance_loss(gs, gt, backend=backend)
+        return rkd_distance_loss(gs, gt, backend=backend, precision=precision)
 
     return gathered_loss(loss_fn, hs, group, s.contiguous(), t.contiguous())

@@ -34,6 +34,7 @@ from fastkd.validation import (
     check_algorithm,
     check_features,
     check_finite_number,
+    check_precision,
     check_teachers,
 )
 
@@ -66,8 +67,9 @@ def choose_algorithm(algorithm: str, batch: int, student_width: int, teacher_wid
 class FKDFunction(torch.autograd.Function):
     """Autograd Function running the tiled FKD kernels of one fused backend.
 
-    ``apply(backend, kd_weight, fr_weight, student, *teachers)``: ``backend`` is "cpu", "cuda"
-    or "triton"; student (B, Ds) and teachers (B, Dt_e) contiguous, any floating dtype.
+    ``apply(backend, precision, kd_weight, fr_weight, student, *teachers)``: ``backend`` is
+    "cpu", "cuda" or "triton"; ``precision`` "ieee" | "tf32x3" | "tf32" (SPEC §6, passed to the
+    kernels); student (B, Ds) and teachers (B, Dt_e) contiguous, any floating dtype.
     Returns the 0-dim loss in float32 (float64 if any input is float64). When an input requires
     grad and the backend has a forward-backward kernel, the forward pass computes the gradients
     in the same sweep and the backward pass only scales them (one pass over the kernels per
@@ -76,21 +78,24 @@ class FKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, backend: str, kd_weight: float, fr_weight: float, student, *teachers):
+    def forward(
+        ctx, backend: str, precision: str, kd_weight: float, fr_weight: float, student, *teachers
+    ):
         ops = kernels(OP, backend)
         ctx.backend = backend
+        ctx.precision = precision
         ctx.weights = (kd_weight, fr_weight)
         ctx.num_teachers = len(teachers)
-        ctx.teachers_grad = any(ctx.needs_input_grad[4:])
-        ctx.fused = ops.forward_backward is not None and any(ctx.needs_input_grad[3:])
+        ctx.teachers_grad = any(ctx.needs_input_grad[5:])
+        ctx.fused = ops.forward_backward is not None and any(ctx.needs_input_grad[4:])
         if ctx.fused:
             loss, grad_student, grad_teachers = ops.forward_backward(
-                student, list(teachers), kd_weight, fr_weight, ctx.teachers_grad
+                student, list(teachers), kd_weight, fr_weight, ctx.teachers_grad, precision
             )
             ctx.save_for_backward(grad_student, *grad_teachers)
             return loss
         ctx.save_for_backward(student, *teachers)
-        return ops.forward(student, list(teachers), kd_weight, fr_weight)
+        return ops.forward(student, list(teachers), kd_weight, fr_weight, precision)
 
     @staticmethod
     @once_differentiable
@@ -102,12 +107,12 @@ class FKDFunction(torch.autograd.Function):
         else:
             student, *teachers = ctx.saved_tensors
             grad_student, grad_teachers = kernels(OP, ctx.backend).backward(
-                grad, student, teachers, *ctx.weights, ctx.teachers_grad
+                grad, student, teachers, *ctx.weights, ctx.teachers_grad, ctx.precision
             )
-        if not ctx.needs_input_grad[3]:
+        if not ctx.needs_input_grad[4]:
             grad_student = None
         grads = list(grad_teachers) if ctx.teachers_grad else [None] * ctx.num_teachers
-        return None, None, None, grad_student, *grads
+        return None, None, None, None, grad_student, *grads
 
 
 def fkd_loss(
@@ -118,6 +123,7 @@ def fkd_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    precision: str = "ieee",
     global_batch: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
@@ -139,6 +145,11 @@ def fkd_loss(
             The dual's Grams are float64 where fp64 is fast (CPU, A100/H100-class GPUs), else
             a non-cancelling fp32 form (:mod:`fastkd.losses.fkd_dual`, docs/dual.md).
             Ignored by the reference backend, which forms the kernels explicitly.
+        precision: products of float32 inputs on the cuda and triton backends (SPEC §6):
+            "ieee" (default; full fp32, ~1e-6 relative error of the loss), "tf32x3" (split fp32
+            on tensor cores, ~1e-6) or "tf32" (one TF32 product, ~1e-3). Independent of torch's
+            global TF32 flags. The cpu and reference backends and the dual algorithm always
+            compute at least full fp32; 16-bit and float64 inputs ignore it.
         global_batch: if True, the loss of the GLOBAL batch (every rank's rows concatenated in
             rank order; SPEC §5) through :func:`fastkd.distributed.global_fkd_loss`: a
             collective that every rank of the group must call. Local batches may differ (and be
@@ -167,12 +178,14 @@ def fkd_loss(
             fr_weight,
             algorithm=algorithm,
             backend=backend,
+            precision=precision,
             process_group=process_group,
         )
     check_features(student, "student", min_batch=2)
     teachers = check_teachers(teacher, student, min_batch=2)
     kd_weight = check_finite_number(kd_weight, "kd_weight")
     fr_weight = check_finite_number(fr_weight, "fr_weight")
+    precision = check_precision(precision)
     name = resolve_backend(OP, backend, student.device)
     teacher_width = sum(t.shape[1] for t in teachers)
     algo = choose_algorithm(algorithm, student.shape[0], student.shape[1], teacher_width)
@@ -182,7 +195,7 @@ def fkd_loss(
     teachers = [t.contiguous() for t in teachers]
     if algo == "dual":
         return FKDDualFunction.apply(kd_weight, fr_weight, student, *teachers)
-    return FKDFunction.apply(name, kd_weight, fr_weight, student, *teachers)
+    return FKDFunction.apply(name, precision, kd_weight, fr_weight, student, *teachers)
 
 
 class FKDLoss(nn.Module):
@@ -200,6 +213,7 @@ class FKDLoss(nn.Module):
         *,
         backend: str | None = None,
         algorithm: str = "auto",
+        precision: str = "ieee",
         global_batch: bool = False,
         process_group: ProcessGroup | None = None,
     ):
@@ -208,6 +222,7 @@ class FKDLoss(nn.Module):
         self.fr_weight = check_finite_number(fr_weight, "fr_weight")
         self.backend = backend
         self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+        self.precision = check_precision(precision)
         self.global_batch = wants_global(global_batch, process_group)
         self.process_group = process_group
 
@@ -221,6 +236,7 @@ class FKDLoss(nn.Module):
             self.fr_weight,
             backend=self.backend,
             algorithm=self.algorithm,
+            precision=self.precision,
             global_batch=self.global_batch,
             process_group=self.process_group,
         )
@@ -229,5 +245,5 @@ class FKDLoss(nn.Module):
         return (
             f"kd_weight={self.kd_weight}, fr_weight={self.fr_weight}, "
             f"backend={self.backend!r}, algorithm={self.algorithm!r}, "
-            f"global_batch={self.global_batch}"
+            f"precision={self.precision!r}, global_batch={self.global_batch}"
         )

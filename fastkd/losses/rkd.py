@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from fastkd import reference
 from fastkd.losses._common import scale_saved, wants_global
 from fastkd.registry import kernels, resolve_backend
-from fastkd.validation import check_algorithm, check_pair
+from fastkd.validation import check_algorithm, check_pair, check_precision
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -40,7 +40,8 @@ __all__ = ["ALGORITHMS", "RKDDistanceLoss", "RKDFunction", "rkd_distance_loss"]
 class RKDFunction(torch.autograd.Function):
     """Autograd Function running the RKD distance kernels of one fused backend.
 
-    ``apply(backend, student, teacher)`` with student (B, Ds) and teacher (B, Dt) contiguous, any
+    ``apply(backend, precision, student, teacher)`` with ``precision`` "ieee" | "tf32x3" |
+    "tf32" (SPEC §6, passed to the kernels), student (B, Ds) and teacher (B, Dt) contiguous, any
     floating dtypes; returns the 0-dim loss in float32 (float64 if an input is float64). When an
     input requires grad and the backend has a forward-backward kernel, the forward pass computes
     the gradients with the loss (the sweeps that give the loss are the first two of the three the
@@ -48,17 +49,20 @@ class RKDFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, backend: str, student, teacher):
+    def forward(ctx, backend: str, precision: str, student, teacher):
         ops = kernels(OP, backend)
         ctx.backend = backend
-        ctx.teacher_grad = bool(ctx.needs_input_grad[2])
-        ctx.fused = ops.forward_backward is not None and any(ctx.needs_input_grad[1:])
+        ctx.precision = precision
+        ctx.teacher_grad = bool(ctx.needs_input_grad[3])
+        ctx.fused = ops.forward_backward is not None and any(ctx.needs_input_grad[2:])
         if ctx.fused:
-            loss, grad_s, grad_t = ops.forward_backward(student, teacher, ctx.teacher_grad)
+            loss, grad_s, grad_t = ops.forward_backward(
+                student, teacher, ctx.teacher_grad, precision
+            )
             ctx.save_for_backward(grad_s, grad_t)
             return loss
         ctx.save_for_backward(student, teacher)
-        return ops.forward(student, teacher)
+        return ops.forward(student, teacher, precision)
 
     @staticmethod
     @once_differentiable
@@ -68,11 +72,12 @@ class RKDFunction(torch.autograd.Function):
         else:
             student, teacher = ctx.saved_tensors
             grad_s, grad_t = kernels(OP, ctx.backend).backward(
-                grad, student, teacher, ctx.teacher_grad
+                grad, student, teacher, ctx.teacher_grad, ctx.precision
             )
         return (
             None,
-            grad_s if ctx.needs_input_grad[1] else None,
+            None,
+            grad_s if ctx.needs_input_grad[2] else None,
             grad_t if ctx.teacher_grad else None,
         )
 
@@ -83,6 +88,7 @@ def rkd_distance_loss(
     *,
     backend: str | None = None,
     algorithm: str = "auto",
+    precision: str = "ieee",
     global_batch: bool = False,
     process_group: ProcessGroup | None = None,
 ) -> torch.Tensor:
@@ -95,6 +101,11 @@ def rkd_distance_loss(
     "auto" | "cpu" | "cuda" | "triton" | "reference" (see :mod:`fastkd.registry`); the kernels
     need O(B D) extra memory, the reference about a dozen B x B matrices at its peak.
     ``algorithm``: "auto" or "tiled" (the only one; ignored by the reference backend).
+    ``precision``: products of float32 inputs on the cuda and triton backends (SPEC §6): "ieee"
+    (default; full fp32, ~1e-6 relative error of the loss), "tf32x3" (split fp32 on tensor
+    cores, ~1e-6) or "tf32" (one TF32 product, ~1e-3; the distances of near rows suffer most).
+    Independent of torch's global TF32 flags; the cpu and reference backends always compute full
+    fp32; 16-bit and float64 inputs ignore it.
 
     ``global_batch=True``: the loss of the GLOBAL batch (every rank's rows in rank order, SPEC
     §5) through :func:`fastkd.distributed.global_rkd_distance_loss`, a collective every rank of
@@ -110,14 +121,20 @@ def rkd_distance_loss(
         from fastkd.distributed.rkd import global_rkd_distance_loss
 
         return global_rkd_distance_loss(
-            student, teacher, backend=backend, algorithm=algorithm, process_group=process_group
+            student,
+            teacher,
+            backend=backend,
+            algorithm=algorithm,
+            precision=precision,
+            process_group=process_group,
         )
     flat_s, flat_t = check_pair(student, teacher)
     name = resolve_backend(OP, backend, flat_s.device)
     check_algorithm(algorithm, ALGORITHMS)
+    precision = check_precision(precision)
     if name == "reference":
         return reference.rkd_distance_loss(flat_s, flat_t)
-    return RKDFunction.apply(name, flat_s.contiguous(), flat_t.contiguous())
+    return RKDFunction.apply(name, precision, flat_s.contiguous(), flat_t.contiguous())
 
 
 class RKDDistanceLoss(nn.Module):
@@ -129,12 +146,14 @@ class RKDDistanceLoss(nn.Module):
         *,
         backend: str | None = None,
         algorithm: str = "auto",
+        precision: str = "ieee",
         global_batch: bool = False,
         process_group: ProcessGroup | None = None,
     ):
         super().__init__()
         self.backend = backend
         self.algorithm = check_algorithm(algorithm, ALGORITHMS)
+        self.precision = check_precision(precision)
         self.global_batch = wants_global(global_batch, process_group)
         self.process_group = process_group
 
@@ -144,6 +163,7 @@ class RKDDistanceLoss(nn.Module):
             teacher,
             backend=self.backend,
             algorithm=self.algorithm,
+            precision=self.precision,
             global_batch=self.global_batch,
             process_group=self.process_group,
         )
@@ -151,5 +171,5 @@ class RKDDistanceLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"backend={self.backend!r}, algorithm={self.algorithm!r}, "
-            f"global_batch={self.global_batch}"
+            f"precision={self.precision!r}, global_batch={self.global_batch}"
         )

@@ -20,34 +20,36 @@ from fastkd.reference import loss_dtype
 OP = "fkd"
 # Argument and return lists of the ops, as declared in csrc/ops.cpp (a test compares them).
 SCHEMAS = {
-    "fkd_forward": "(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight) "
-    "-> Tensor",
+    "fkd_forward": "(Tensor student, Tensor[] teachers, float kd_weight, float fr_weight, "
+    'str precision="ieee") -> Tensor',
     "fkd_backward": "(Tensor grad, Tensor student, Tensor[] teachers, float kd_weight, "
-    "float fr_weight, bool teachers_grad) -> (Tensor grad_student, Tensor[] grad_teachers)",
+    'float fr_weight, bool teachers_grad, str precision="ieee") '
+    "-> (Tensor grad_student, Tensor[] grad_teachers)",
     "fkd_forward_backward": "(Tensor student, Tensor[] teachers, float kd_weight, "
-    "float fr_weight, bool teachers_grad) "
+    'float fr_weight, bool teachers_grad, str precision="ieee") '
     "-> (Tensor loss, Tensor grad_student, Tensor[] grad_teachers)",
 }
 
 
-def forward_fake(student, teachers, kd_weight, fr_weight):
+def forward_fake(student, teachers, kd_weight, fr_weight, precision="ieee"):
     return student.new_empty((), dtype=loss_dtype(student, *teachers))
 
 
-def backward_fake(grad, student, teachers, kd_weight, fr_weight, teachers_grad):
+def backward_fake(grad, student, teachers, kd_weight, fr_weight, teachers_grad, precision="ieee"):
     grad_teachers = [torch.empty_like(t) for t in teachers] if teachers_grad else []
     return torch.empty_like(student), grad_teachers
 
 
-def forward_backward_fake(student, teachers, kd_weight, fr_weight, teachers_grad):
+def forward_backward_fake(student, teachers, kd_weight, fr_weight, teachers_grad, precision="ieee"):
     loss = forward_fake(student, teachers, kd_weight, fr_weight)
     return loss, *backward_fake(None, student, teachers, kd_weight, fr_weight, teachers_grad)
 
 
 def setup_context(ctx, inputs, output):
-    student, teachers, kd_weight, fr_weight = inputs
+    student, teachers, kd_weight, fr_weight, *rest = inputs
     ctx.save_for_backward(student, *teachers)
     ctx.weights = (kd_weight, fr_weight)
+    ctx.precision = rest[0] if rest else "ieee"
 
 
 def backward(backward_op, ctx, grad):
@@ -58,12 +60,14 @@ def backward(backward_op, ctx, grad):
     need = ctx.needs_input_grad[1]
     need = list(need) if isinstance(need, (list, tuple)) else [bool(need)] * len(teachers)
     teachers_grad = any(need)
-    grad_student, grad_teachers = backward_op(grad, student, teachers, *ctx.weights, teachers_grad)
+    grad_student, grad_teachers = backward_op(
+        grad, student, teachers, *ctx.weights, teachers_grad, ctx.precision
+    )
     grads = [None] * len(teachers)  # a list argument takes a list of the same length back
     if teachers_grad:
         grads = [g if n else None for g, n in zip(grad_teachers, need, strict=True)]
     grad_student = grad_student if ctx.needs_input_grad[0] else None
-    return grad_student, grads, None, None
+    return grad_student, grads, None, None, None
 
 
 def register(

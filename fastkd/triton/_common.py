@@ -3,8 +3,9 @@ input checks (from :mod:`fastkd.validation`) and the tile helpers used by FKD an
 
 Host-side policy:
   * accumulation in float32, float64 if any input is float64 (:func:`fastkd.reference.loss_dtype`);
-  * ``tl.dot`` on float32 operands is full IEEE float32 whatever torch's global TF32 flags say
-    (reading ``allow_tf32`` raises in torch 2.14 once ``fp32_precision`` is set);
+  * ``tl.dot`` on float32 operands follows the op's ``precision`` argument (SPEC §6,
+    :func:`dot_precision`), never torch's global TF32 flags (reading ``allow_tf32`` raises in
+    torch 2.14 once ``fp32_precision`` is set, and a global flag should not change a loss);
   * launches run under :func:`device_guard` so a kernel goes to its inputs' GPU whatever the
     current device is;
   * block sizes are a fixed heuristic (:func:`block_config`), no autotuning: results never
@@ -23,6 +24,7 @@ import triton.language as tl
 from fastkd.reference import NORM_EPS
 from fastkd.validation import (  # noqa: F401  (re-exported for the op modules)
     check_grad,
+    check_precision,
     check_triton_device,
     check_triton_inputs,
     interpreter_enabled,
@@ -58,8 +60,24 @@ def device_guard(x: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def dot_precision(precision: str, acc: torch.dtype) -> str:
+    """``input_precision`` of the kernels' ``tl.dot`` (a constexpr) for the op argument
+    ``precision`` ("ieee" | "tf32x3" | "tf32", checked here) and the accumulation dtype ``acc``.
+
+    float32 accumulation: ``precision`` itself ("tf32x3" is Triton's split hi/lo product, three
+    TF32 MMAs). float64: "ieee" (fp64 dots have no TF32 form). 16-bit operands never read it
+    (``_mma`` calls ``tl.dot`` without it: their products are exact in the fp32 accumulator)."""
+    check_precision(precision)
+    return precision if acc == torch.float32 else "ieee"
+
+
 def block_config(
-    batch: int, widths: list[int], dtype: torch.dtype, interpret: bool, op: str = "fkd"
+    batch: int,
+    widths: list[int],
+    dtype: torch.dtype,
+    interpret: bool,
+    op: str = "fkd",
+    precision: str = "ieee",
 ) -> dict:
     """Block sizes of the tiled FKD and RKD kernels: a fixed heuristic (no autotuning).
 
@@ -69,7 +87,9 @@ def block_config(
     BLOCK x BLOCK_N = 64 x 32 (64 x 16 for float32 FKD: its dots run on the FMA units) with a
     64 x BLOCK_DO = 64 x 128 fp32 gradient accumulator, feature chunks BLOCK_K = 32 (16 for
     fp64), 8 warps. Small problems shrink the blocks to the next power of two, never below 16
-    (the tl.dot minimum). The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
+    (the tl.dot minimum). float32 RKD with ``precision="tf32x3"`` (hi/lo operand tiles) uses a
+    64 x 64 gradient accumulator (BLOCK_DO = 64): at 128 its grad kernel spills inside the loop
+    on sm_90. The interpreter uses 16-row tiles, 32-wide chunks and BLOCK_N = 32
     != BLOCK, so that small test shapes cover several row blocks, K chunks and output chunks.
     """
     if interpret:
@@ -80,11 +100,13 @@ def block_config(
     # spills inside the loop on sm_80, 64 x 16 does not; RKD's grad kernel is the other way
     # round on sm_90 (ptxas caps it at 128 registers and spills). See tools/gpu_static.
     block_n = 16 if dtype == torch.float32 and op == "fkd" else 32
+    split_rkd = op == "rkd" and dtype == torch.float32 and precision == "tf32x3"
     return {
         "BLOCK": block,
         "BLOCK_N": min(block_n, block),
         "BLOCK_K": min(block_k, max(16, pow2(max(widths)))),
-        "BLOCK_DO": 64 if dtype == torch.float64 else 128,  # fp64 accumulators: half the width
+        # fp64 accumulators, and RKD's tf32x3 split tiles: half the width (registers)
+        "BLOCK_DO": 64 if dtype == torch.float64 or split_rkd else 128,
         "num_warps": 8,
     }
 
@@ -96,7 +118,7 @@ def block_config(
 
 @triton.jit
 def _mma(a, b, acc, PRECISION: tl.constexpr):
-    """acc + a @ b. The TF32/IEEE choice only means something for 32/64-bit operands."""
+    """acc + a @ b. ``PRECISION`` (:func:`dot_precision`) only applies to 32/64-bit operands."""
     if a.dtype == tl.float16 or a.dtype == tl.bfloat16:
         acc = tl.dot(a, b, acc)
     else:

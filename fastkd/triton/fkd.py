@@ -8,6 +8,9 @@ Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake ker
     fastkd_triton::fkd_forward_backward(student, teachers, kd_weight, fr_weight, teachers_grad)
         -> (loss, grad_student, grad_teachers)     # one sweep: the training-step path
 
+Each op also takes ``precision="ieee"`` last ("ieee" | "tf32x3" | "tf32", SPEC §6): the
+``input_precision`` of the float32 ``tl.dot`` calls (:func:`fastkd.triton._common.dot_precision`).
+
 Schemas equal the compiled ``fastkd::fkd_*`` ones (``csrc/ops.cpp``,
 :data:`fastkd.ops.fkd.SCHEMAS`); fakes and autograd come from :mod:`fastkd.ops.fkd`.
 
@@ -57,8 +60,9 @@ stays that of ``csrc/ops.cpp``) accumulates with atomics instead, whose order va
 backward has no cross-program reduction and is always deterministic.
 
 Precision: accumulation in float32 (float64 if any input is float64: every input is then
-upcast to float64 and ``tl.dot`` runs in float64). float32 dots are full IEEE float32,
-whatever torch's global TF32 flags say (an explicit precision policy is to come). In the backward
+upcast to float64 and ``tl.dot`` runs in float64). float32 dots follow the ``precision`` op
+argument (SPEC §6): "ieee" (FMA units), "tf32x3" or "tf32" (tensor cores), never torch's global
+TF32 flags; 16-bit dots go to the tensor cores unmodified. In the backward
 the difference tile and the normalised column tile are rounded to the input dtype for 16-bit
 inputs (tensor cores), which costs about one rounding of that dtype on the gradient.
 """
@@ -83,6 +87,7 @@ from fastkd.triton._common import (
     check_triton_inputs,
     custom_op,
     device_guard,
+    dot_precision,
     pow2,
     row_norms,
 )
@@ -328,7 +333,7 @@ def _check_inputs(student, teachers, kd_weight, fr_weight) -> tuple[list[Tensor]
 class _Problem:
     """Inputs in compute form, inverse row norms and launch settings, shared by both passes."""
 
-    def __init__(self, student: Tensor, teachers: list[Tensor], interpret: bool):
+    def __init__(self, student: Tensor, teachers: list[Tensor], interpret: bool, precision: str):
         self.out_dtype = loss_dtype(student, *teachers)
         if self.out_dtype == torch.float64:  # fp64 dots need fp64 on both operands
             student = student.to(torch.float64)
@@ -340,9 +345,8 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
-        # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
-        # once fp32_precision is set, and a global flag should not change the loss's accuracy.
-        self.precision = "ieee"
+        # The op argument, never torch's global TF32 flag (SPEC §6).
+        self.precision = dot_precision(precision, self.acc)
         self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)
         self.inv_student = row_norms(student, self.acc, interpret, sumsq=self.sumsq)
         self.inv_teachers = [row_norms(t, self.acc, interpret) for t in teachers]
@@ -445,18 +449,23 @@ class _Problem:
 
 @custom_op("fkd_forward", fkd_ops.SCHEMAS)
 def fkd_forward(
-    student: Tensor, teachers: list[Tensor], kd_weight: float, fr_weight: float
+    student: Tensor,
+    teachers: list[Tensor],
+    kd_weight: float,
+    fr_weight: float,
+    precision: str = "ieee",
 ) -> Tensor:
     """FKD loss (SPEC §1) by the Triton kernels; see the module docstring.
 
     student (B, Ds), teachers E tensors (B, Dt_e); float16/bfloat16/float32/float64, any
     strides. Returns the 0-dim ``kd_weight * mean (rho_S - rho_T)^2 + fr_weight * mean(fs^2)``
-    in float32 (float64 if any input is float64). The tile partials are summed in a fixed order
+    in float32 (float64 if any input is float64). ``precision``: the float32 dots (SPEC §6,
+    :func:`fastkd.triton._common.dot_precision`). The tile partials are summed in a fixed order
     unless the module's ``DETERMINISTIC`` is False (atomics: run-to-run bit differences).
     """
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
     with device_guard(student):
-        problem = _Problem(student, teachers, interpret)
+        problem = _Problem(student, teachers, interpret, precision)
         return problem.loss(problem.forward(bool(DETERMINISTIC)), kd_weight, fr_weight)
 
 
@@ -468,6 +477,7 @@ def fkd_backward(
     kd_weight: float,
     fr_weight: float,
     teachers_grad: bool,
+    precision: str = "ieee",
 ) -> tuple[Tensor, list[Tensor]]:
     """Gradients of :func:`fkd_forward` times ``grad`` (0-dim, the loss's gradient).
 
@@ -478,7 +488,7 @@ def fkd_backward(
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
     check_grad(grad, student)
     with device_guard(student):
-        problem = _Problem(student, teachers, interpret)
+        problem = _Problem(student, teachers, interpret, precision)
         grad = grad.to(problem.acc).reshape(())
         grad_student = problem.gradient(None, grad, kd_weight, fr_weight, student.dtype)
         grad_teachers = []
@@ -497,6 +507,7 @@ def fkd_forward_backward(
     kd_weight: float,
     fr_weight: float,
     teachers_grad: bool,
+    precision: str = "ieee",
 ) -> tuple[Tensor, Tensor, list[Tensor]]:
     """Loss and its gradients (for a unit upstream gradient) in one sweep over the tiles.
 
@@ -507,7 +518,7 @@ def fkd_forward_backward(
     """
     teachers, interpret = _check_inputs(student, teachers, kd_weight, fr_weight)
     with device_guard(student):
-        problem = _Problem(student, teachers, interpret)
+        problem = _Problem(student, teachers, interpret, precision)
         one = torch.ones((), dtype=problem.acc, device=student.device)
         partials = torch.empty(
             triton.cdiv(student.shape[0], problem.cfg["BLOCK"]),

@@ -2,11 +2,14 @@
 
 Custom ops (``torch.compile(fullgraph=True)`` traces them through their fake kernels)::
 
-    fastkd_triton::rkd_forward(student, teacher) -> loss                          # 0-dim
-    fastkd_triton::rkd_backward(grad, student, teacher, teacher_grad)
+    fastkd_triton::rkd_forward(student, teacher, precision="ieee") -> loss        # 0-dim
+    fastkd_triton::rkd_backward(grad, student, teacher, teacher_grad, precision="ieee")
         -> (grad_student, grad_teacher)
-    fastkd_triton::rkd_forward_backward(student, teacher, teacher_grad)
+    fastkd_triton::rkd_forward_backward(student, teacher, teacher_grad, precision="ieee")
         -> (loss, grad_student, grad_teacher)
+
+``precision`` ("ieee" | "tf32x3" | "tf32", SPEC §6) is the ``input_precision`` of the float32
+``tl.dot`` calls (:func:`fastkd.triton._common.dot_precision`); 16-bit and float64 ignore it.
 
 student (B, Ds), teacher (B, Dt), B >= 2; float16/bfloat16/float32/float64, any strides (read
 in place; a float64 call copies the other input to float64). The loss is float32, float64 if an
@@ -57,6 +60,7 @@ from fastkd.triton._common import (
     check_triton_inputs,
     custom_op,
     device_guard,
+    dot_precision,
     pow2,
     row_norms,
 )
@@ -287,7 +291,7 @@ def _rkd_grad_kernel(
 class _Problem:
     """Inputs in compute form, squared row norms, launch settings and the sweep scalars."""
 
-    def __init__(self, student: Tensor, teacher: Tensor):
+    def __init__(self, student: Tensor, teacher: Tensor, precision: str):
         check_pair(student, teacher, flatten=False)
         interpret = check_triton_inputs({"student": student, "teacher": teacher})
         self.grad_dtypes = (student.dtype, teacher.dtype)
@@ -298,10 +302,10 @@ class _Problem:
         self.batch = b = student.shape[0]
         self.interpret = interpret
         dtype = max((student, teacher), key=lambda t: t.element_size()).dtype
-        self.cfg = block_config(b, [student.shape[1], teacher.shape[1]], dtype, interpret, op="rkd")
-        # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
-        # once fp32_precision is set, and a global flag should not change the loss's accuracy.
-        self.precision = "ieee"
+        # The op argument, never torch's global TF32 flag (SPEC §6).
+        self.precision = dot_precision(precision, self.acc)
+        widths = [student.shape[1], teacher.shape[1]]
+        self.cfg = block_config(b, widths, dtype, interpret, op="rkd", precision=self.precision)
         self.sq = torch.empty((2, b), dtype=self.acc, device=student.device)
         scratch = torch.empty(b, dtype=self.acc, device=student.device)
         for row, x in enumerate((student, teacher)):
@@ -366,35 +370,35 @@ class _Problem:
 
 
 @custom_op("rkd_forward", rkd_ops.SCHEMAS)
-def rkd_forward(student: Tensor, teacher: Tensor) -> Tensor:
+def rkd_forward(student: Tensor, teacher: Tensor, precision: str = "ieee") -> Tensor:
     """RKD distance loss (SPEC §2) by the Triton kernels (sweeps 1 and 2); see the module
-    docstring. student (B, Ds), teacher (B, Dt). Returns the 0-dim loss, float32 (float64 if
-    an input is float64)."""
+    docstring. student (B, Ds), teacher (B, Dt); ``precision``: the float32 dots (SPEC §6).
+    Returns the 0-dim loss, float32 (float64 if an input is float64)."""
     with device_guard(student):
-        return _Problem(student, teacher).loss_and_scalars()[0]
+        return _Problem(student, teacher, precision).loss_and_scalars()[0]
 
 
 @custom_op("rkd_backward", rkd_ops.SCHEMAS)
 def rkd_backward(
-    grad: Tensor, student: Tensor, teacher: Tensor, teacher_grad: bool
+    grad: Tensor, student: Tensor, teacher: Tensor, teacher_grad: bool, precision: str = "ieee"
 ) -> tuple[Tensor, Tensor]:
     """Gradients of :func:`rkd_forward` times ``grad`` (one-element tensor, read on the device):
     (grad_student like student, grad_teacher like teacher, or (0,) unless ``teacher_grad``)."""
     check_grad(grad, student)
     with device_guard(student):
-        problem = _Problem(student, teacher)
+        problem = _Problem(student, teacher, precision)
         _, scal = problem.loss_and_scalars()
         return problem.gradients(scal, grad.reshape(()), teacher_grad)
 
 
 @custom_op("rkd_forward_backward", rkd_ops.SCHEMAS)
 def rkd_forward_backward(
-    student: Tensor, teacher: Tensor, teacher_grad: bool
+    student: Tensor, teacher: Tensor, teacher_grad: bool, precision: str = "ieee"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Loss and its gradients for a unit upstream gradient, from one run of the three sweeps:
     (loss, grad_student, grad_teacher), as :func:`rkd_forward` and :func:`rkd_backward`."""
     with device_guard(student):
-        problem = _Problem(student, teacher)
+        problem = _Problem(student, teacher, precision)
         loss, scal = problem.loss_and_scalars()
         one = torch.ones((), dtype=problem.acc, device=student.device)
         return loss, *problem.gradients(scal, one, teacher_grad)

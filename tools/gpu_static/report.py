@@ -8,11 +8,13 @@ Assertions (a FAIL makes ``--check`` exit 1):
 * hot kernels (the O(B^2 D) tile kernels and the O(B D) SRD sweeps) have no spill traffic in a
   loop body (LDL/STL inside a backward branch's range in SASS); a few spill bytes outside the
   loops (saved once per program) are reported, not failed;
-* 16-bit FKD kernels use tensor cores (``mma.sync`` on sm_80, ``wgmma`` on sm_90).
+* 16-bit FKD kernels, and float32 FKD/RKD kernels compiled for ``precision="tf32"`` or
+  ``"tf32x3"`` (SPEC §6), use tensor cores (``mma.sync`` on sm_80, ``wgmma`` on sm_90).
 
-Known gaps are reported as "gap" and do not fail: tensor cores for RKD 16-bit and for float32
-(TF32 / split-TF32) are issue 13. The CUDA kernels (csrc/) are reported, not asserted: their
-spills inside loops, missing HMMA/LDSM and CUDA-core RKD are marked "gap" for issue 13.
+Known gaps are reported as "gap" and do not fail: tensor cores for 16-bit RKD are issue 13.
+float32 ``"ieee"`` runs on the FMA units by definition (full fp32 products): not a gap. The
+CUDA kernels (csrc/) are reported, not asserted: their spills inside loops, missing HMMA/LDSM
+and CUDA-core RKD are marked "gap" for issue 13.
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def triton_verdict(r: Result) -> tuple[str, list[str]]:
         notes.append(f"{spill_bytes} B stack, {r.sass.ops['LDL/STL']} LDL/STL outside loops")
     mma = r.ptx.mma + r.ptx.wgmma
     if v.tensor_cores and mma == 0:
-        fails.append("16-bit kernel without tensor-core MMA")
-    elif v.tensor_cores is None and v.hot and mma == 0 and v.dtype != "fp64":
+        fails.append(f"{v.dtype} {v.precision} kernel without tensor-core MMA")
+    elif v.tensor_cores is None and v.hot and mma == 0 and v.dtype in ("fp16", "bf16"):
         if v.op in ("fkd", "rkd"):
             gaps.append("no tensor cores (issue 13)")
     status = FAIL if fails else GAP if gaps else OK
@@ -194,10 +196,11 @@ def markdown(results: list[Result], kernels: list[CudaKernel], command: str, swe
         "typed float32). **hot**: the O(B^2 D) tile kernels and the O(B D) SRD sweeps.",
         "",
         "Verdicts: **ok**; **gap** a known shortfall reported, not asserted (issue 13: tensor",
-        "cores for RKD and float32, the CUDA kernels' spills and MMA use); **FAIL** an assertion",
+        "cores for 16-bit RKD, the CUDA kernels' spills and MMA use); **FAIL** an assertion",
         "of the gate (see `tools/gpu_static/report.py`): every kernel compiles; no float32 scalar",
         "or float32-rounded constant in float64 arithmetic; no spill instructions inside loops of",
-        "hot kernels; 16-bit FKD kernels on tensor cores.",
+        "hot kernels; 16-bit FKD kernels and float32 `tf32` / `tf32x3` FKD and RKD kernels",
+        "on tensor cores (float32 `ieee` is full fp32 on the FMA units by definition).",
         "",
         f"Result: **{n_fail} failure(s)**; {len(results)} Triton compilations "
         f"({seconds:.0f} s of compile time), {len(kernels)} CUDA kernel binaries.",

@@ -8,8 +8,9 @@ specialise as they would on a GPU), its constexprs from the module's own block-c
 and ``num_warps``. Arguments go by keyword, so a kernel whose signature changed without the
 gate fails loudly here.
 
-Configurations: dtype (float16, bfloat16, float32, float64) x precision (float32: "ieee" and
-"tf32") x block config (the modules' heuristics at representative (B, D)) x constexpr flags.
+Configurations: dtype (float16, bfloat16, float32, float64) x precision (float32: "ieee",
+"tf32x3" and "tf32", the op argument of SPEC §6) x block config (the modules' heuristics at
+representative (B, D)) x constexpr flags.
 ``sweep="ci"`` is the subset ``make test`` affords; ``sweep="full"`` adds more shapes, ensemble
 sizes, the atomic forward, every backward flag combination, strided inputs and mixed dtypes.
 """
@@ -49,11 +50,26 @@ def _ptr(dtype: torch.dtype) -> MockTensor:
     return MockTensor(dtype)
 
 
+PRECISIONS = ("ieee", "tf32x3", "tf32")
+
+
 def _precisions(dtype: torch.dtype, sweep: str) -> list[str]:
-    """PRECISION values: float32 inputs run "ieee" (the launch code's only choice today) and,
-    in the full sweep, "tf32" (what the precision policy of issue 12 will offer); others
-    "ieee" (16-bit tl.dot ignores it; float64 only has IEEE)."""
-    return ["ieee", "tf32"] if dtype == torch.float32 and sweep == "full" else ["ieee"]
+    """PRECISION values the launch code can choose (``fastkd.triton._common.dot_precision``):
+    float32 all three of the op's ``precision`` argument, in every sweep (the tf32 / tf32x3
+    kernels must reach the tensor cores); other dtypes "ieee" (16-bit tl.dot ignores it,
+    float64 only has IEEE)."""
+    return list(PRECISIONS) if dtype == torch.float32 else ["ieee"]
+
+
+def _tensor_cores(op: str, dname: str, precision: str) -> bool | None:
+    """Whether a hot FKD/RKD tile kernel must use tensor cores: 16-bit FKD (products exact in
+    the fp32 accumulator) and float32 "tf32" / "tf32x3" FKD and RKD (issue 13 item 1). None:
+    reported only (16-bit RKD, float32 "ieee" which is FMA by definition, float64)."""
+    if precision in ("tf32", "tf32x3"):
+        return True
+    if op == "fkd" and dname.split("+")[0] in ("fp16", "bf16"):  # student 16-bit
+        return True
+    return None
 
 
 def _find(name: str, *modules: str):
@@ -184,13 +200,14 @@ def _fkd_for_config(sweep, main, dname, s_dt, t_dt, acc, batch, width, cfg, bloc
     fwd = _find("_fkd_forward_kernel", *_FKD_MODS)
     bwd = _find("_fkd_backward_kernel", *_FKD_MODS)
     label = _label(batch, width, cfg, block_do)
-    sixteen = s_dt in (torch.float16, torch.bfloat16)
+    # float32 in either input: the launch code passes the op's precision (fp32 accumulation)
+    any_fp32 = torch.float32 in (s_dt, t_dt)
     # one axis off the base (contiguous, 1 slot, deterministic, the two common flag sets)
     axes = [{}]
     if sweep == "full" and main:
         axes += [{"transposed": True}, {"num_t": 3}, {"num_t": 8}, {"atomic": True}]
         axes += [{"flags": _BWD_FLAGS_FULL[2:]}]
-    for precision in _precisions(acc if acc == torch.float32 and not sixteen else s_dt, sweep):
+    for precision in _precisions(torch.float32 if any_fp32 else s_dt, sweep):
         for ax in axes:
             transposed, num_t = ax.get("transposed", False), ax.get("num_t", 1)
             # contiguous: stride_c == 1 specialises to a constant; transposed: stride_c = B
@@ -207,7 +224,7 @@ def _fkd_for_config(sweep, main, dname, s_dt, t_dt, acc, batch, width, cfg, bloc
                 atomic = ax.get("atomic", False)
                 yield Variant(
                     "fkd", "_fkd_forward_kernel", where + (" atomic" if atomic else ""),
-                    dname, precision, True, sixteen, fwd,
+                    dname, precision, True, _tensor_cores("fkd", dname, precision), fwd,
                     dict(common, out_ptr=_ptr(acc), NUM_T=num_t, ATOMIC=atomic,
                          BLOCK=cfg["BLOCK"], BLOCK_K=cfg["BLOCK_K"]),
                     cfg["num_warps"],
@@ -219,7 +236,7 @@ def _fkd_for_config(sweep, main, dname, s_dt, t_dt, acc, batch, width, cfg, bloc
                 what = ("student" if target == 0 else "teacher") + (" +fr" if has_fr else "")
                 yield Variant(
                     "fkd", "_fkd_backward_kernel", f"{where} {what}" + (" +loss" * loss),
-                    dname, precision, True, sixteen, bwd,
+                    dname, precision, True, _tensor_cores("fkd", dname, precision), bwd,
                     dict(common, y_ptr=_ptr(y_dt), y_stride_r=stride_r, y_stride_c=stride_c,
                          y_width=width, y_inv_ptr=_ptr(acc), out_ptr=_ptr(y_dt),
                          out_stride_r=width, out_stride_c=1, grad_ptr=_ptr(acc), kd_scale=0.5,
@@ -270,8 +287,13 @@ def _rkd_variants(sweep: str) -> Iterator[Variant]:
             if (key := (tuple(sorted(cfg.items())), block_do)) in seen:
                 continue
             seen.add(key)
-            label = _label(batch, width, cfg, block_do)
             for precision in _precisions(dt, sweep):
+                # the launch code's config for this precision (tf32x3 narrows BLOCK_DO)
+                cfg = block_config(
+                    batch, [width, width], dt, interpret=False, op="rkd", precision=precision
+                )
+                block_do = min(cfg["BLOCK_DO"], max(16, _pow2(width)))
+                label = _label(batch, width, cfg, block_do)
                 common = dict(
                     s_ptr=_ptr(dt), s_stride_r=width, s_stride_c=1, s_width=width,
                     t_ptr=_ptr(dt), t_stride_r=width, t_stride_c=1, t_width=width,
@@ -281,7 +303,7 @@ def _rkd_variants(sweep: str) -> Iterator[Variant]:
                 for loss in [False, True] if full else [True]:
                     yield Variant(
                         "rkd", "_rkd_sums_kernel", f"{label} " + ("loss" if loss else "means"),
-                        dname, precision, True, None, sums,
+                        dname, precision, True, _tensor_cores("rkd", dname, precision), sums,
                         dict(common, out_ptr=_ptr(acc), LOSS=loss, BLOCK=cfg["BLOCK"],
                              BLOCK_K=cfg["BLOCK_K"]),
                         cfg["num_warps"],
@@ -290,7 +312,7 @@ def _rkd_variants(sweep: str) -> Iterator[Variant]:
                     yield Variant(
                         "rkd", "_rkd_grad_kernel", f"{label} " + ("teacher" if teacher
                                                                else "student"),
-                        dname, precision, True, None, grad,
+                        dname, precision, True, _tensor_cores("rkd", dname, precision), grad,
                         dict(common, y_ptr=_ptr(dt), y_stride_r=width, y_stride_c=1,
                              y_width=width, out_ptr=_ptr(dt), out_stride_r=width,
                              out_stride_c=1, TEACHER=teacher, BLOCK_M=cfg["BLOCK"],

@@ -8,6 +8,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+#include <c10/util/string_view.h>
+
+#include <string>
 
 namespace fastkd {
 
@@ -41,6 +44,16 @@ inline void check_float_dtype(const at::Tensor& x, const char* op, const char* n
   const at::ScalarType t = x.scalar_type();
   TORCH_CHECK(t == at::kHalf || t == at::kBFloat16 || t == at::kFloat || t == at::kDouble, op,
               ": ", name, " must be float16, bfloat16, float32 or float64, got ", t);
+}
+
+// The `precision` argument of FKD and RKD (SPEC §6): "ieee", "tf32x3" or "tf32". Returns 0, 2
+// or 1 (the values of cuda::Precision); anything else is a ValueError naming the argument.
+inline int check_precision(c10::string_view precision, const char* op) {
+  if (precision == "ieee") return 0;
+  if (precision == "tf32") return 1;
+  if (precision == "tf32x3") return 2;
+  TORCH_CHECK_VALUE(false, op, ": precision must be \"ieee\", \"tf32x3\" or \"tf32\", got \"",
+                    std::string(precision.data(), precision.size()), "\"");
 }
 
 }  // namespace fastkd
