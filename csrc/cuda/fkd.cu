@@ -36,6 +36,7 @@
 #include <type_traits>
 
 #include "fastkd/fkd_math.h"
+#include "fastkd/launch_plan.h"
 #include "fkd_cuda.h"
 
 // WMMA with bfloat16 needs sm_80; older targets (if ever built) fall back to CUDA cores.
@@ -751,7 +752,10 @@ cudaError_t backward(const FkdArgs& args, Pass pass, cudaStream_t stream) {
 
 int fkd_splits(const FkdArgs& args) {
   if (args.splits > 0) return args.splits < kMaxSplits ? args.splits : kMaxSplits;
-  return backward_splits(args.batch, args.dtype, args.sm_count);
+  // The J splits of fastkd/launch_plan.h; the kernel does not slice its columns yet (limit 1).
+  return plan::fkd_backward_grid(args.batch, args.student_width, int(size_of(args.dtype)),
+                                 args.sm_count, /*col_limit=*/1)
+      .j_splits;
 }
 
 size_t fkd_workspace_bytes(const FkdArgs& args, Pass pass) {

@@ -40,7 +40,8 @@ struct SrdArgs {
 };
 
 // Row splits of the batch, each handled by its own blocks so that narrow features still fill the
-// GPU: about 4 blocks per SM, splits of at least 64 rows (or args.splits, clamped to 1..B).
+// GPU: aiming at 8 blocks per SM, splits of at least 64 rows, at most 256 (or args.splits,
+// clamped to 1..B). Depends on B, D, the dtype and sm_count only, not on the pointers.
 int64_t srd_splits(const SrdArgs& args);
 
 size_t srd_workspace_bytes(const SrdArgs& args, Pass pass);

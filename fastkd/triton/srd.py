@@ -80,8 +80,12 @@ def _power_terms(d, p, P_INT: tl.constexpr, USE_LIBDEVICE: tl.constexpr):
 
 @triton.jit
 def _program_block(B, D, rows_per_split, BLOCK_D: tl.constexpr):
-    """Columns `cols` (valid where `cmask`) and rows [r0, r1) of program (column block, split)."""
+    """Columns `cols` (valid where `cmask`) and rows [r0, r1) of program (column block, split).
+    `cols` is BLOCK_D consecutive columns starting at a multiple of BLOCK_D (the hints say so), so
+    a row's loads and stores become 16-byte vector accesses wherever D and the pointers allow it
+    (Triton specialises D % 16 == 0 and 16-byte aligned pointers at launch)."""
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cols = tl.max_contiguous(tl.multiple_of(cols, BLOCK_D), BLOCK_D)
     cmask = cols < D
     r0 = tl.program_id(1) * rows_per_split
     r1 = tl.minimum(r0 + rows_per_split, B)

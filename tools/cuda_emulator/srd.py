@@ -35,7 +35,9 @@ TOL = {F64: 1e-10, F32: 1e-5, F16: 3e-3, BF16: 2e-2}
 class Case:
     """One emulator run. training: batch statistics (else the running ones); same: teacher =
     student (log(tiny) and exactly zero gradients); offset: features around a large offset;
-    splits: row splits forced (else srd_splits' for sms multiprocessors)."""
+    splits: row splits forced (else srd_splits' for sms multiprocessors); misalign: features and
+    gradients one element off 16-byte alignment (element loads); vector: whether the backward
+    must take the 16-byte path (D a multiple of 16 bytes of the dtype, aligned buffers)."""
 
     batch: int
     width: int
@@ -50,6 +52,12 @@ class Case:
     sms: int = 132
     quick: bool = False
     expect_splits: int | None = None  # the split count the launchers must choose
+    misalign: bool = False
+
+    @property
+    def vector(self) -> bool:
+        per_16_bytes = 16 // torch.empty((), dtype=self.dtype).element_size()
+        return not self.misalign and self.width % per_16_bytes == 0
 
     @property
     def id(self) -> str:
@@ -59,6 +67,7 @@ class Case:
         flags += [f"offset{self.offset:g}"] if self.offset else []
         flags += [f"splits{self.splits}"] if self.splits else []
         flags += [f"sms{self.sms}"] if self.sms != 132 else []
+        flags += ["misalign"] if self.misalign else []
         dtype = str(self.dtype).removeprefix("torch.")
         return "-".join([f"B{self.batch}", f"D{self.width}", dtype, *flags])
 
@@ -81,6 +90,15 @@ CASES = [
     Case(300, 33, F32, 3.0, True, expect_splits=4),
     Case(600, 70, F64, 2.0, True, offset=3.0, sms=4),
     Case(130, 64, F64, 4.5, False, same=True, quick=True),
+    # 16-byte loads: widths that are and are not a multiple of 16 bytes, several column blocks
+    # (16-bit: 256 columns per block), rows not a multiple of the unroll, and misaligned buffers.
+    Case(77, 264, F16, 4.0, True, quick=True),
+    Case(77, 520, BF16, 4.5, True, splits=3),
+    Case(45, 132, F32, 4.0, False, quick=True),
+    Case(45, 132, F32, 4.0, True, misalign=True, quick=True),
+    Case(45, 264, F16, 3.0, True, misalign=True),
+    Case(70, 34, F64, 4.0, True, misalign=True, quick=True),
+    Case(70, 34, F64, 4.0, True, grad=0.5, splits=2, quick=True),
 ]
 
 
@@ -109,6 +127,7 @@ class Outputs:
     grad_teacher: torch.Tensor | None
     splits: int
     launches: int
+    vector: bool  # the backward took the 16-byte path
 
 
 def run(exe: Path, case: Case) -> Outputs:
@@ -129,7 +148,7 @@ def run(exe: Path, case: Case) -> Outputs:
                 )
         args = [tmp, emu.CODES[case.dtype], case.batch, d, repr(case.p), repr(EPS)]
         args += [int(case.training), int(case.teacher_grad), case.splits, case.sms]
-        result = emu.run_driver(exe, args)
+        result = emu.run_driver(exe, args, misalign=case.misalign)
         return Outputs(
             loss=emu.read(t / "loss.bin", acc, ()),
             stats=[emu.read(t / f"stats_{n}.bin", acc, (4, d)) for n in "st"]
@@ -141,6 +160,7 @@ def run(exe: Path, case: Case) -> Outputs:
             else None,
             splits=result.splits,
             launches=result.launches,
+            vector="vector=1" in result.stdout,
         )
 
 
@@ -189,6 +209,7 @@ def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
         exact = out.loss.item() == log_tiny.item() and bool((out.grad_student == 0).all())
         exact &= out.grad_teacher is None or bool((out.grad_teacher == 0).all())
         checks.append(Check("same_exact", 0.0 if exact else 1.0, 0.0))
+    checks.append(Check("vector_path", float(out.vector != case.vector), 0.0))
     if case.expect_splits is not None:
         checks.append(Check("splits", float(out.splits != case.expect_splits), 0.0))
     return checks

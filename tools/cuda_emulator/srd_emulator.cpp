@@ -10,7 +10,9 @@
 // grad_student.bin and grad_teacher.bin (TEACHER_GRAD). The row splits are srd_splits' for
 // SM_COUNT multiprocessors, or SPLITS when that is > 0. Every buffer is malloc'ed at its exact
 // size (AddressSanitizer sees any overrun) and starts as NaN bytes, like uninitialised device
-// memory. Prints the split count and the number of launches.
+// memory. EMU_MISALIGN=1 shifts the features and the gradients one element off 16-byte alignment
+// (the kernels must fall back to element loads). Prints the split count, the number of launches
+// and whether the backward took the 16-byte path (vector=0/1).
 #include "mock/mock_core.h"
 // clang-format off
 #include "srd.cu"
@@ -42,14 +44,20 @@ int main(int argc, char** argv) {
   a.sm_count = std::atoi(argv[10]);
   const size_t es = size_of(a.dtype), as = acc_size_of(a.dtype);
 
-  auto input = [&](const std::string& name, size_t bytes) {
+  const bool misalign = std::getenv("EMU_MISALIGN") != nullptr;
+  // Features-dtype buffers: exact size, one element off alignment under EMU_MISALIGN.
+  auto features = [&](size_t bytes) {
+    unsigned char* p = static_cast<unsigned char*>(garbage(bytes + (misalign ? es : 0)));
+    return static_cast<void*>(misalign ? p + es : p);
+  };
+  auto input = [&](const std::string& name, size_t bytes, bool feature = false) {
     auto data = read_file(dir + "/" + name + ".bin", bytes);
-    void* p = garbage(bytes);
+    void* p = feature ? features(bytes) : garbage(bytes);
     std::memcpy(p, data.data(), bytes);
     return p;
   };
-  a.student = input("student", B * D * es);
-  a.teacher = input("teacher", B * D * es);
+  a.student = input("student", B * D * es, true);
+  a.teacher = input("teacher", B * D * es, true);
 
   // Forward: statistics (training) or the caller's, then the column sums and the loss.
   a.stats_s = a.training ? garbage(4 * D * as) : input("stats_s", 4 * D * as);
@@ -70,12 +78,13 @@ int main(int argc, char** argv) {
   // Backward, from the forward's outputs.
   SrdArgs b = a;
   b.grad = input("grad", as);
-  b.grad_student = garbage(B * D * es);
-  b.grad_teacher = teacher_grad ? garbage(B * D * es) : nullptr;
+  b.grad_student = features(B * D * es);
+  b.grad_teacher = teacher_grad ? features(B * D * es) : nullptr;
   b.workspace = garbage(srd_workspace_bytes(b, Pass::kBackward));
   if (srd_backward(b, nullptr) != cudaSuccess) mock::fail("srd_backward");
   write_file(dir + "/grad_student.bin", b.grad_student, B * D * es);
   if (teacher_grad) write_file(dir + "/grad_teacher.bin", b.grad_teacher, B * D * es);
-  std::printf("splits=%ld launches=%ld\n", long(srd_splits(a)), mock::launches);
+  std::printf("splits=%ld launches=%ld vector=%d\n", long(srd_splits(a)), mock::launches,
+              int(plan_of(b).vector));
   return 0;
 }
