@@ -49,6 +49,7 @@ for extra memory traffic; it is not implemented.
 
 Ensembles: teachers are passed to the kernels as a tuple (the kernels are specialised, loops
 unrolled, per ensemble size and dtypes; no concatenated copy). At most ``MAX_TEACHER_SLOTS``
+(6 for float32, 4 for float64 inputs: :func:`max_teacher_slots`)
 slots: beyond that, the remaining teachers are normalised and concatenated into one extra slot
 (O(B * sum Dt) memory), whose kernel tile is the sum of theirs. A teacher whose gradient is
 computed always gets its own slot.
@@ -95,6 +96,16 @@ from fastkd.validation import check_features, check_finite_number, check_teacher
 
 # Teacher tuple slots compiled into one kernel; further teachers share a concatenated slot.
 MAX_TEACHER_SLOTS = 8
+# Fewer slots for wider inputs: each unrolled slot holds pointers and strides in registers, and
+# the backward spills inside its loop from 8 float32 or 6 float64 slots (tools/gpu_static).
+_SLOTS_BY_DTYPE = {torch.float32: 6, torch.float64: 4}
+
+
+def max_teacher_slots(dtype: torch.dtype) -> int:
+    """Teacher slots compiled into one kernel for inputs whose widest dtype is ``dtype``."""
+    return min(MAX_TEACHER_SLOTS, _SLOTS_BY_DTYPE.get(dtype, MAX_TEACHER_SLOTS))
+
+
 # Forward reduction: True sums per-tile partials in a fixed order (bit-identical runs), False
 # accumulates with atomics. Read at every call.
 DETERMINISTIC = True
@@ -345,6 +356,7 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
+        self.max_slots = max_teacher_slots(dtype)
         # The op argument, never torch's global TF32 flag (SPEC §6).
         self.precision = dot_precision(precision, self.acc)
         self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)
@@ -353,13 +365,14 @@ class _Problem:
 
     def slots(self, first: int | None = None) -> tuple[list[Tensor], Tensor]:
         """Teacher slots (teacher ``first`` in slot 0 if given) and the (1 + S, B) inverse
-        norms, student first. Teachers past MAX_TEACHER_SLOTS - 1 share one concatenated slot
-        of normalised rows (inverse norm 1)."""
+        norms, student first. Teachers past ``max_teacher_slots - 1`` share one concatenated
+        slot of normalised rows (inverse norm 1)."""
         order = list(range(len(self.teachers)))
         if first is not None:
             order.remove(first)
             order.insert(0, first)
-        direct = order if len(order) <= MAX_TEACHER_SLOTS else order[: MAX_TEACHER_SLOTS - 1]
+        cap = self.max_slots
+        direct = order if len(order) <= cap else order[: cap - 1]
         tensors = [self.teachers[e] for e in direct]
         invs = [self.inv_student] + [self.inv_teachers[e] for e in direct]
         rest = order[len(direct) :]

@@ -6,6 +6,7 @@ the triton wheel (``triton/backends/nvidia/bin``), so no CUDA toolkit is needed.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import struct
@@ -59,6 +60,9 @@ def f32_rounded_f64_immediates(ptx: str) -> list[str]:
         as_f32 = np.float32(value)
         if float(as_f32) != value:
             continue  # a genuine float64 constant
+        mantissa = int(math.frexp(value)[0] * 2**24)
+        if (mantissa & -mantissa).bit_length() > 12:
+            continue  # <= 12 significant bits: a binary constant (2^54, 1.5), not a decimal
         if float(str(as_f32)) != value:  # numpy prints float32's shortest decimal
             found.append(f"{instr} 0d{bits.upper()} (= float32({as_f32}))")
     return found

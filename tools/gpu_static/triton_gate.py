@@ -90,6 +90,10 @@ def _find(name: str, *modules: str):
 _FKD_MODS = ("fastkd.triton.fkd", "fastkd.triton._common")
 
 
+def _bits(dtype: torch.dtype) -> int:
+    return torch.finfo(dtype).bits
+
+
 def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
@@ -172,7 +176,7 @@ def _fkd_variants(sweep: str) -> Iterator[Variant]:
         combos.append(("fp16", "fp32"))  # student fp16, teacher fp32: fp32 accumulation
     for s_name, t_name in combos:
         s_dt, t_dt = DTYPES[s_name], DTYPES[t_name]
-        widest = max(s_dt, t_dt, key=lambda d: torch.finfo(d).bits)
+        widest = max(s_dt, t_dt, key=_bits)
         acc = _acc(widest)
         dname = s_name if s_name == t_name else f"{s_name}+{t_name}"
         seen = set()
@@ -205,7 +209,8 @@ def _fkd_for_config(sweep, main, dname, s_dt, t_dt, acc, batch, width, cfg, bloc
     # one axis off the base (contiguous, 1 slot, deterministic, the two common flag sets)
     axes = [{}]
     if sweep == "full" and main:
-        axes += [{"transposed": True}, {"num_t": 3}, {"num_t": 8}, {"atomic": True}]
+        slots = _find("max_teacher_slots", *_FKD_MODS)(max(s_dt, t_dt, key=_bits))
+        axes += [{"transposed": True}, {"num_t": 3}, {"num_t": slots}, {"atomic": True}]
         axes += [{"flags": _BWD_FLAGS_FULL[2:]}]
     for precision in _precisions(torch.float32 if any_fp32 else s_dt, sweep):
         for ax in axes:
