@@ -114,14 +114,14 @@ __device__ __forceinline__ double from_acc<double>(double x) {
 
 constexpr size_t round_up(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
-// Dynamic shared memory: A tile [64][LDA]; B tile, [64][LDA] (rows of a Gram tile's second
-// operand) or [BK][LDB] (rows of the features multiplying P); float staging [64][kLdStage]
-// (tensor cores only); warp sums; for the backward the difference tiles P [64][LDP].
-// Offsets are multiples of 128 bytes (WMMA wants 32-byte aligned tile pointers).
 // float32 operands on TF32 tensor cores (Precision::kTf32, kTf32x3).
 template <typename T, Precision P>
 constexpr bool kTf32Path = std::is_same_v<T, float> && P != Precision::kIeee;
 
+// Dynamic shared memory: A tile [64][LDA]; B tile, [64][LDA] (rows of a Gram tile's second
+// operand) or [BK][LDB] (rows of the features multiplying P); float staging [64][kLdStage]
+// (tensor cores only); warp sums; for the backward the difference tiles P [64][LDP].
+// Offsets are multiples of 128 bytes (WMMA wants 32-byte aligned tile pointers).
 template <typename T, Precision P = Precision::kIeee>
 struct Layout {
   static constexpr bool kTensorCores = Traits<T>::kTensorCores || kTf32Path<T, P>;
