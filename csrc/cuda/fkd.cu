@@ -19,7 +19,9 @@
 //
 // Tiles: 256 threads; thread t owns the tile entries (t/16 + 16m, t%16 + 16n), m, n < 4.
 // float16/bfloat16: WMMA 16x16x16 fragments (8 warps x 16x32 outputs), staged through shared
-// memory to reach that ownership. float32/float64: the same loop on CUDA cores, 4x4 entries per
+// memory to reach that ownership. float32 with Precision::kTf32 / kTf32x3 (SPEC §6): the same
+// warp tiles on WMMA 16x16x8 TF32 fragments, one product or the split product
+// hi.hi + hi.lo + lo.hi. float32 (kIeee) / float64: the same loop on CUDA cores, 4x4 entries per
 // thread held in registers. Operands reach shared memory in 16-byte chunks, the next K step's
 // chunk loaded into registers while the current step is multiplied.
 //
@@ -39,7 +41,7 @@
 #include "fastkd/launch_plan.h"
 #include "fkd_cuda.h"
 
-// WMMA with bfloat16 needs sm_80; older targets (if ever built) fall back to CUDA cores.
+// WMMA with bfloat16 and TF32 needs sm_80; older targets (if ever built) fall back to CUDA cores.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
 #define FASTKD_TENSOR_CORES 0
 #else
@@ -113,27 +115,34 @@ __device__ __forceinline__ double from_acc<double>(double x) {
 
 constexpr size_t round_up(size_t bytes) { return (bytes + 127) / 128 * 128; }
 
+// float32 operands on TF32 tensor cores (Precision::kTf32, kTf32x3).
+template <typename T, Precision P>
+constexpr bool kTf32Path = std::is_same_v<T, float> && P != Precision::kIeee;
+
 // Dynamic shared memory: A tile [64][LDA]; B tile, [64][LDA] (rows of a Gram tile's second
 // operand) or [BK][LDB] (rows of the features multiplying P); float staging [64][kLdStage]
 // (tensor cores only); warp sums; for the backward the difference tiles P [64][LDP].
 // Offsets are multiples of 128 bytes (WMMA wants 32-byte aligned tile pointers).
-template <typename T>
+template <typename T, Precision P = Precision::kIeee>
 struct Layout {
+  static constexpr bool kTensorCores = Traits<T>::kTensorCores || kTf32Path<T, P>;
+  // TF32 WMMA wants leading dimensions that are multiples of 4 floats.
+  static constexpr int kPad = kTf32Path<T, P> ? 4 : Traits<T>::kPad;
   static constexpr int BK = Traits<T>::kBK;
   static constexpr int JG = group_tiles(Traits<T>::kType);
-  static constexpr int LDA = BK + Traits<T>::kPad;
-  static constexpr int LDB = kTile + Traits<T>::kPad;
-  static constexpr int LDP = JG * kTile + Traits<T>::kPad;
+  static constexpr int LDA = BK + kPad;
+  static constexpr int LDB = kTile + kPad;
+  static constexpr int LDP = JG * kTile + kPad;
   static constexpr int kBElems = kTile * LDA > BK * LDB ? kTile * LDA : BK * LDB;
   static constexpr size_t kA = 0;
   static constexpr size_t kB = round_up(kA + sizeof(T) * kTile * LDA);
   static constexpr size_t kStage = round_up(kB + sizeof(T) * kBElems);
   static constexpr size_t kRed =
-      round_up(kStage + (Traits<T>::kTensorCores ? sizeof(float) * kTile * kLdStage : 0));
+      round_up(kStage + (kTensorCores ? sizeof(float) * kTile * kLdStage : 0));
   static constexpr size_t kForwardBytes = round_up(kRed + sizeof(double) * kWarps);
   static constexpr size_t kP = kForwardBytes;
   static constexpr size_t kBackwardBytes = round_up(kP + sizeof(T) * kTile * LDP);
-  static_assert(!Traits<T>::kTensorCores || BK % 16 == 0, "whole WMMA K steps");
+  static_assert(!kTensorCores || BK % 16 == 0, "whole WMMA K steps");
   static_assert(kTile % BK == 0, "a K step never straddles two J tiles");
   static_assert(kTile * kTile == 16 * kThreads, "16 owned entries per thread");
   // Each K step moves 64 bytes of each of 64 rows, 16 bytes per thread (see RowChunk).
@@ -147,19 +156,20 @@ __device__ __forceinline__ unsigned char* dynamic_smem() {
 }
 #endif
 
-template <typename T>
+template <typename T, Precision P = Precision::kIeee>
 struct Smem {
+  using L = Layout<T, P>;
   T* a;
   T* b;
   float* stage;
   double* red;
   T* p;
   __device__ explicit Smem(unsigned char* base)
-      : a(reinterpret_cast<T*>(base + Layout<T>::kA)),
-        b(reinterpret_cast<T*>(base + Layout<T>::kB)),
-        stage(reinterpret_cast<float*>(base + Layout<T>::kStage)),
-        red(reinterpret_cast<double*>(base + Layout<T>::kRed)),
-        p(reinterpret_cast<T*>(base + Layout<T>::kP)) {}
+      : a(reinterpret_cast<T*>(base + L::kA)),
+        b(reinterpret_cast<T*>(base + L::kB)),
+        stage(reinterpret_cast<float*>(base + L::kStage)),
+        red(reinterpret_cast<double*>(base + L::kRed)),
+        p(reinterpret_cast<T*>(base + L::kP)) {}
 };
 
 // Entries of a 64 x 64 tile owned by this thread: row own_row(m), column own_col(n).
@@ -207,16 +217,33 @@ struct SimtTile {
 };
 
 #if FASTKD_TENSOR_CORES
-// Same contract on tensor cores: warp w holds rows 16 (w / 2) .. +16, columns 32 (w % 2) .. +32
-// as two 16x16 float accumulators; extract() goes through the staging tile because the
+// Warp tiles of the tensor-core tiles: warp w holds rows 16 (w / 2) .. +16, columns
+// 32 (w % 2) .. +32 as two 16x16 float accumulators.
+__device__ __forceinline__ int frag_row() { return int(threadIdx.x) / 32 / 2 * 16; }
+__device__ __forceinline__ int frag_col() { return int(threadIdx.x) / 32 % 2 * 32; }
+
+// The owned entries of the two accumulators c[0..1]: through the staging tile, because the
 // fragment's element layout is opaque.
+template <typename Acc>
+__device__ void extract_staged(const Acc (&c)[2], float (&v)[16], float* stage) {
+#pragma unroll
+  for (int f = 0; f < 2; ++f) {
+    nvcuda::wmma::store_matrix_sync(stage + frag_row() * kLdStage + frag_col() + 16 * f, c[f],
+                                    kLdStage, nvcuda::wmma::mem_row_major);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+#pragma unroll
+    for (int n = 0; n < 4; ++n) v[4 * m + n] = stage[own_row(m) * kLdStage + own_col(n)];
+  __syncthreads();  // the staging tile is reused by the next extract()
+}
+
+// SimtTile's contract on 16-bit tensor cores (WMMA 16x16x16, float accumulators).
 template <typename T>
 struct TensorCoreTile {
   using acc_t = float;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> c[2];
-
-  __device__ static int frag_row() { return int(threadIdx.x) / 32 / 2 * 16; }
-  __device__ static int frag_col() { return int(threadIdx.x) / 32 % 2 * 32; }
 
   __device__ void zero() {
     nvcuda::wmma::fill_fragment(c[0], 0.0f);
@@ -240,30 +267,76 @@ struct TensorCoreTile {
     }
   }
 
-  __device__ void extract(float (&v)[16], float* stage) {
-#pragma unroll
-    for (int f = 0; f < 2; ++f) {
-      nvcuda::wmma::store_matrix_sync(stage + frag_row() * kLdStage + frag_col() + 16 * f, c[f],
-                                      kLdStage, nvcuda::wmma::mem_row_major);
-    }
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < 4; ++m)
-#pragma unroll
-      for (int n = 0; n < 4; ++n) v[4 * m + n] = stage[own_row(m) * kLdStage + own_col(n)];
-    __syncthreads();  // the staging tile is reused by the next extract()
+  __device__ void extract(float (&v)[16], float* stage) { extract_staged(c, v, stage); }
+};
+
+// SimtTile's contract for float32 operands on TF32 tensor cores (WMMA 16x16x8, float
+// accumulators). The fragments are loaded from shared memory as float and converted element by
+// element (the conversion does not depend on the opaque layout): kTf32 rounds each operand to
+// TF32 (__float_to_tf32: nearest, ties away from zero); kTf32x3 splits it into hi = tf32(a) and
+// lo = tf32(a - hi) (a - hi is exact) and adds lo.hi + hi.lo before hi.hi, the small terms
+// first. The dropped lo.lo term is below 2^-22 of the product: close to float32 products.
+template <Precision P>
+struct Tf32Tile {
+  using acc_t = float;
+  static constexpr bool kSplit = P == Precision::kTf32x3;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 8, float> c[2];
+
+  __device__ void zero() {
+    nvcuda::wmma::fill_fragment(c[0], 0.0f);
+    nvcuda::wmma::fill_fragment(c[1], 0.0f);
   }
+
+  // hi = tf32(hi) in place and, for kTf32x3, lo = tf32(old hi - new hi).
+  template <typename Frag>
+  __device__ static void split(Frag& hi, Frag& lo) {
+#pragma unroll
+    for (int e = 0; e < hi.num_elements; ++e) {
+      const float x = hi.x[e];
+      hi.x[e] = nvcuda::wmma::__float_to_tf32(x);
+      if constexpr (kSplit) lo.x[e] = nvcuda::wmma::__float_to_tf32(x - hi.x[e]);
+    }
+  }
+
+  template <bool kBRows>
+  __device__ void mma(const float* a, int lda, const float* b, int ldb, int k) {
+    using namespace nvcuda;
+    using BLayout = std::conditional_t<kBRows, wmma::col_major, wmma::row_major>;
+    using tf32 = wmma::precision::tf32;
+#pragma unroll 1
+    for (int kk = 0; kk < k; kk += 8) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 8, tf32, wmma::row_major> a_hi, a_lo;
+      wmma::load_matrix_sync(a_hi, a + frag_row() * lda + kk, lda);
+      split(a_hi, a_lo);
+#pragma unroll
+      for (int f = 0; f < 2; ++f) {
+        const int n0 = frag_col() + 16 * f;
+        wmma::fragment<wmma::matrix_b, 16, 16, 8, tf32, BLayout> b_hi, b_lo;
+        wmma::load_matrix_sync(b_hi, kBRows ? b + n0 * ldb + kk : b + kk * ldb + n0, ldb);
+        split(b_hi, b_lo);
+        if constexpr (kSplit) {
+          wmma::mma_sync(c[f], a_lo, b_hi, c[f]);
+          wmma::mma_sync(c[f], a_hi, b_lo, c[f]);
+        }
+        wmma::mma_sync(c[f], a_hi, b_hi, c[f]);
+      }
+    }
+  }
+
+  __device__ void extract(float (&v)[16], float* stage) { extract_staged(c, v, stage); }
 };
 #endif
 
-template <typename T, bool kTensorCores = Traits<T>::kTensorCores && FASTKD_TENSOR_CORES>
+// The tile type of element type T at precision P: CUDA cores, 16-bit or TF32 tensor cores.
+template <typename T, Precision P = Precision::kIeee,
+          bool kTensorCores = Layout<T, P>::kTensorCores && FASTKD_TENSOR_CORES>
 struct TileFor {
   using type = SimtTile<T>;
 };
 #if FASTKD_TENSOR_CORES
-template <typename T>
-struct TileFor<T, true> {
-  using type = TensorCoreTile<T>;
+template <typename T, Precision P>
+struct TileFor<T, P, true> {
+  using type = std::conditional_t<kTf32Path<T, P>, Tf32Tile<P>, TensorCoreTile<T>>;
 };
 #endif
 
@@ -320,10 +393,10 @@ __device__ __forceinline__ bool vector_rows(const T* x, int64_t width) {
 
 // Gram tile of the raw features: x[i0 + r] . x[j0 + c] for r, c < 64 (rows >= batch read as 0).
 // The next K step is loaded into registers while the current one is multiplied.
-template <typename T, typename Tile>
-__device__ void gram_tile(Tile& tile, const Smem<T>& sm, const T* __restrict__ x, int64_t width,
+template <typename T, Precision P, typename Tile>
+__device__ void gram_tile(Tile& tile, const Smem<T, P>& sm, const T* __restrict__ x, int64_t width,
                           int64_t batch, int64_t i0, int64_t j0) {
-  constexpr int BK = Layout<T>::BK, LDA = Layout<T>::LDA;
+  constexpr int BK = Layout<T, P>::BK, LDA = Layout<T, P>::LDA;
   constexpr bool kAligned = LDA * sizeof(T) % 16 == 0;
   const bool vectors = vector_rows(x, width);
   const int r = threadIdx.x / 4, kk = threadIdx.x % 4 * RowChunk<T>::N;
@@ -364,8 +437,8 @@ __device__ __forceinline__ void scale_owned(const acc_t (&v)[16], const acc_t* _
 }
 
 // Owned entries of rho_S and rho_T for the tile at rows i0, columns j0; 0 outside the batch.
-template <typename T, typename Tile>
-__device__ void kernel_tiles(Tile& tile, const Smem<T>& sm, const FkdArgs& args, int64_t i0,
+template <typename T, Precision P, typename Tile>
+__device__ void kernel_tiles(Tile& tile, const Smem<T, P>& sm, const FkdArgs& args, int64_t i0,
                              int64_t j0, typename Traits<T>::acc (&s)[16],
                              typename Traits<T>::acc (&t)[16]) {
   using acc_t = typename Traits<T>::acc;
@@ -433,15 +506,15 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T>
+template <typename T, Precision P>
 __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
     fkd_forward_kernel(const __grid_constant__ FkdArgs args, int64_t nb,
                        double* __restrict__ partial) {
   using acc_t = typename Traits<T>::acc;
-  const Smem<T> sm(dynamic_smem());
+  const Smem<T, P> sm(dynamic_smem());
   int64_t I, J;
   upper_tile(blockIdx.x, nb, I, J);
-  typename TileFor<T>::type tile;
+  typename TileFor<T, P>::type tile;
   acc_t s[16], t[16];
   kernel_tiles<T>(tile, sm, args, I * kTile, J * kTile, s, t);
   acc_t sum = 0;
@@ -478,13 +551,13 @@ __global__ void __launch_bounds__(kThreads)
 // out[i, col0 + c] += sum_k P[i - i0, k] * y_hat[j0 + k, c] for the row block at i0, with
 // y_hat[j] = y[j] * inv_norm[j] (the normalised rows, formed while storing to shared memory)
 // and k < k_len. The next K step is loaded into registers while the current one is multiplied.
-template <typename T, typename Tile>
-__device__ void accumulate_product(Tile& tile, const Smem<T>& sm, const T* __restrict__ y,
+template <typename T, Precision P, typename Tile>
+__device__ void accumulate_product(Tile& tile, const Smem<T, P>& sm, const T* __restrict__ y,
                                    int64_t width, const typename Traits<T>::acc* inv_norm,
                                    int64_t batch, int64_t i0, int64_t j0, int k_len,
                                    typename Traits<T>::acc* out, int64_t ld_out, int64_t col0) {
   using acc_t = typename Traits<T>::acc;
-  constexpr int BK = Layout<T>::BK, LDB = Layout<T>::LDB, LDP = Layout<T>::LDP;
+  constexpr int BK = Layout<T, P>::BK, LDB = Layout<T, P>::LDB, LDP = Layout<T, P>::LDP;
   constexpr int kPerRow = kTile / RowChunk<T>::N;  // chunks per row of a 64-column slice
   constexpr bool kAligned = LDB * sizeof(T) % 16 == 0;
   const bool vectors = vector_rows(y, width);
@@ -523,22 +596,22 @@ __device__ void accumulate_product(Tile& tile, const Smem<T>& sm, const T* __res
 // split's accumulator: plain read-modify-write, no atomics, a fixed order. With `partial`, the
 // block also writes the sum of squared differences of its tiles (every tile of the square is
 // visited once, so weight 1) to partial[split * nb + I]: the loss from the same sweep.
-template <typename T>
+template <typename T, Precision P>
 __global__ void __launch_bounds__(kThreads, Traits<T>::kMinBlocks)
     fkd_backward_kernel(const __grid_constant__ FkdArgs args, int64_t nb, int splits,
                         typename Traits<T>::acc* __restrict__ acc_student,
                         typename Traits<T>::acc* __restrict__ acc_teachers, bool teachers_grad,
                         double* __restrict__ partial) {
   using acc_t = typename Traits<T>::acc;
-  constexpr int JG = Layout<T>::JG, LDP = Layout<T>::LDP;
-  const Smem<T> sm(dynamic_smem());
+  constexpr int JG = Layout<T, P>::JG, LDP = Layout<T, P>::LDP;
+  const Smem<T, P> sm(dynamic_smem());
   const int64_t batch = args.batch, i0 = int64_t(blockIdx.x) * kTile;
   const int64_t split = blockIdx.y;
   const int64_t groups = (nb + JG - 1) / JG;
   const int64_t g_begin = groups * split / splits, g_end = groups * (split + 1) / splits;
   acc_t* out_s = acc_student + split * batch * args.student_width;
   acc_t* out_t = teachers_grad ? acc_teachers + split * batch * args.teacher_total_width : nullptr;
-  typename TileFor<T>::type tile;
+  typename TileFor<T, P>::type tile;
   double value = 0;
 
   for (int64_t g = g_begin; g < g_end; ++g) {
@@ -678,16 +751,19 @@ FkdArgs with_norms(const FkdArgs& args, const WorkspaceLayout& l) {
   return a;
 }
 
-template <typename T>
+template <typename T, Precision P>
 cudaError_t forward(const FkdArgs& args, cudaStream_t stream) {
   using acc_t = typename Traits<T>::acc;
-  constexpr size_t smem = Layout<T>::kForwardBytes;
-  if (cudaError_t err = allow_smem(fkd_forward_kernel<T>, smem); err != cudaSuccess) return err;
+  constexpr size_t smem = Layout<T, P>::kForwardBytes;
+#define FASTKD_FKD_FORWARD_KERNEL fkd_forward_kernel<T, P>
+  if (cudaError_t err = allow_smem(FASTKD_FKD_FORWARD_KERNEL, smem); err != cudaSuccess) {
+    return err;
+  }
   const WorkspaceLayout l = layout_of(args, Pass::kForward, args.workspace);
   const FkdArgs a = with_norms(args, l);
   launch_row_norms<T>(a, stream);
   const int64_t tiles = num_upper_tiles(a.batch);
-  FASTKD_LAUNCH(fkd_forward_kernel<T>, unsigned(tiles), kThreads, smem, stream, a,
+  FASTKD_LAUNCH(FASTKD_FKD_FORWARD_KERNEL, unsigned(tiles), kThreads, smem, stream, a,
                 num_row_blocks(a.batch), l.partial);
   FASTKD_LAUNCH(fkd_loss_kernel<acc_t>, 1, kThreads, 0, stream, l.partial, tiles,
                 static_cast<const acc_t*>(a.student_sum_sq), a.batch, a.student_width,
@@ -697,11 +773,14 @@ cudaError_t forward(const FkdArgs& args, cudaStream_t stream) {
 
 // Gradients (scaled by *grad, or 1 when grad is null); for kForwardBackward also the loss of the
 // same sweep.
-template <typename T>
+template <typename T, Precision P>
 cudaError_t backward(const FkdArgs& args, Pass pass, cudaStream_t stream) {
   using acc_t = typename Traits<T>::acc;
-  constexpr size_t smem = Layout<T>::kBackwardBytes;
-  if (cudaError_t err = allow_smem(fkd_backward_kernel<T>, smem); err != cudaSuccess) return err;
+  constexpr size_t smem = Layout<T, P>::kBackwardBytes;
+#define FASTKD_FKD_BACKWARD_KERNEL fkd_backward_kernel<T, P>
+  if (cudaError_t err = allow_smem(FASTKD_FKD_BACKWARD_KERNEL, smem); err != cudaSuccess) {
+    return err;
+  }
   const WorkspaceLayout l = layout_of(args, pass, args.workspace);
   const FkdArgs a = with_norms(args, l);
   const int splits = fkd_splits(a);
@@ -720,7 +799,7 @@ cudaError_t backward(const FkdArgs& args, Pass pass, cudaStream_t stream) {
   launch_row_norms<T>(a, stream);
   const int64_t nb = num_row_blocks(B);
   const bool with_loss = pass == Pass::kForwardBackward;
-  FASTKD_LAUNCH(fkd_backward_kernel<T>, dim3(unsigned(nb), unsigned(splits)), kThreads, smem,
+  FASTKD_LAUNCH(FASTKD_FKD_BACKWARD_KERNEL, dim3(unsigned(nb), unsigned(splits)), kThreads, smem,
                 stream, a, nb, splits, static_cast<acc_t*>(l.acc_student),
                 static_cast<acc_t*>(l.acc_teachers), a.teachers_grad,
                 with_loss ? l.partial : nullptr);
@@ -748,6 +827,26 @@ cudaError_t backward(const FkdArgs& args, Pass pass, cudaStream_t stream) {
   return cudaSuccess;
 }
 
+// f(T(), std::integral_constant<Precision, P>()) for the operand type of args.dtype; P is
+// args.precision for float32 and kIeee for the other types (their products are exact in the
+// accumulator already, or float64).
+template <typename F>
+cudaError_t dispatch_precision(const FkdArgs& args, F&& f) {
+  return dispatch(args.dtype, [&](auto zero) {
+    using T = decltype(zero);
+    using Ieee = std::integral_constant<Precision, Precision::kIeee>;
+    if constexpr (std::is_same_v<T, float>) {
+      if (args.precision == Precision::kTf32) {
+        return f(zero, std::integral_constant<Precision, Precision::kTf32>());
+      }
+      if (args.precision == Precision::kTf32x3) {
+        return f(zero, std::integral_constant<Precision, Precision::kTf32x3>());
+      }
+    }
+    return f(zero, Ieee());
+  });
+}
+
 }  // namespace
 
 int fkd_splits(const FkdArgs& args) {
@@ -763,23 +862,21 @@ size_t fkd_workspace_bytes(const FkdArgs& args, Pass pass) {
 }
 
 cudaError_t fkd_forward(const FkdArgs& args, cudaStream_t stream) {
-  return launch_status(dispatch(args.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    return forward<T>(args, stream);
+  return launch_status(dispatch_precision(args, [&](auto zero, auto precision) {
+    return forward<decltype(zero), decltype(precision)::value>(args, stream);
   }));
 }
 
 cudaError_t fkd_backward(const FkdArgs& args, cudaStream_t stream) {
-  return launch_status(dispatch(args.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    return backward<T>(args, Pass::kBackward, stream);
+  return launch_status(dispatch_precision(args, [&](auto zero, auto precision) {
+    return backward<decltype(zero), decltype(precision)::value>(args, Pass::kBackward, stream);
   }));
 }
 
 cudaError_t fkd_forward_backward(const FkdArgs& args, cudaStream_t stream) {
-  return launch_status(dispatch(args.dtype, [&](auto zero) {
-    using T = decltype(zero);
-    return backward<T>(args, Pass::kForwardBackward, stream);
+  return launch_status(dispatch_precision(args, [&](auto zero, auto precision) {
+    return backward<decltype(zero), decltype(precision)::value>(args, Pass::kForwardBackward,
+                                                                stream);
   }));
 }
 

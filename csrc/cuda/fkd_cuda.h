@@ -39,6 +39,7 @@ constexpr int backward_splits(int64_t batch, DType t, int sm_count) {
 // accumulation type is double for kDouble, float otherwise.
 struct FkdArgs {
   DType dtype = DType::kFloat;
+  Precision precision = Precision::kIeee;  // float32 operands: CUDA cores, TF32 or split TF32
   int64_t batch = 0;                     // B
   const void* student = nullptr;         // B x Ds, contiguous, operand type
   int64_t student_width = 0;             // Ds

@@ -42,6 +42,12 @@ namespace cuda {
 // otherwise).
 enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
 
+// How float32 operands are multiplied (SPEC §6): kIeee every product in float32 on CUDA cores;
+// kTf32 one TF32 tensor-core product (inputs rounded to 10 mantissa bits); kTf32x3 each operand
+// split a = hi + lo (hi = tf32(a), lo = tf32(a - hi)) and hi.hi + hi.lo + lo.hi on tensor cores,
+// float32 accumulation (close to kIeee). Other dtypes ignore it.
+enum class Precision : int { kIeee = 0, kTf32 = 1, kTf32x3 = 2 };
+
 constexpr size_t size_of(DType t) {
   return t == DType::kDouble ? 8 : t == DType::kFloat ? 4 : 2;
 }

@@ -20,6 +20,7 @@ namespace cuda {
 
 struct RkdArgs {
   DType dtype = DType::kFloat;     // operand dtype: kDouble or kFloat
+  Precision precision = Precision::kIeee;  // float32 operands (not used by rkd.cu yet)
   int64_t batch = 0;               // B >= 2
   int64_t student_width = 0;       // Ds
   int64_t teacher_width = 0;       // Dt

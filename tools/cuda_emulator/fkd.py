@@ -29,6 +29,14 @@ F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float6
 # of the result to the input dtype (which any kernel pays).
 LOSS_TOL = {F64: 1e-12, F32: 1e-5, F16: 1e-5, BF16: 1e-5}
 GRAD_TOL = {F64: 1e-12, F32: 1e-5, F16: 2e-3, BF16: 1e-2}
+# float32 on TF32 tensor cores (FkdArgs::precision, SPEC §6), by the code of the driver's
+# PRECISION argument. tf32x3 keeps the float32 tolerances (measured: loss <= 5e-8, gradients
+# <= 7e-7). tf32 rounds every operand to 10 mantissa bits (2^-11 ~ 4.9e-4 relative each;
+# measured: loss <= 2.3e-5, gradients <= 1.6e-3), and its roundoff slack counts in that unit.
+PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
+TF32_LOSS_TOL = {"tf32": 1e-4, "tf32x3": 1e-5}
+TF32_GRAD_TOL = {"tf32": 5e-3, "tf32x3": 1e-5}
+TF32_EPS = 2.0**-11  # unit roundoff of a TF32 operand (10 stored mantissa bits)
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,19 @@ class Case:
     misalign: bool = False
     quick: bool = False
     expect_splits: int | None = None  # the split count the launchers must choose
+    precision: str = "ieee"  # float32 operands: "ieee", "tf32" or "tf32x3"
+
+    def __post_init__(self):
+        if self.precision != "ieee" and self.dtype != F32:
+            raise ValueError("precision applies to float32 cases only")
+
+    @property
+    def loss_tol(self) -> float:
+        return TF32_LOSS_TOL.get(self.precision, LOSS_TOL[self.dtype])
+
+    @property
+    def grad_tol(self) -> float:
+        return TF32_GRAD_TOL.get(self.precision, GRAD_TOL[self.dtype])
 
     @property
     def id(self) -> str:
@@ -59,6 +80,7 @@ class Case:
         flags += ["tg"] * self.teachers_grad + ["zero"] * self.zero_rows + ["same"] * self.same
         flags += ["misalign"] * self.misalign + ([f"sms{self.sms}"] if self.sms != 132 else [])
         flags += [f"kd{self.kd:g}-fr{self.fr:g}"] if (self.kd, self.fr) != (0.8, 0.05) else []
+        flags += [self.precision] if self.precision != "ieee" else []
         dtype = str(self.dtype).removeprefix("torch.")
         return "-".join([f"B{self.batch}", f"Ds{self.student_width}", f"Dt{widths}", dtype, *flags])
 
@@ -86,6 +108,19 @@ CASES = [
     Case(513, 16, (9,), F64, teachers_grad=True, expect_splits=8),
     Case(600, 24, (40,), F32, teachers_grad=True),
     Case(33, 16, (16,), F32, teachers_grad=True, same=True),
+    # float32 on TF32 tensor cores: one product and the split product, odd shapes, ensembles,
+    # teacher gradients, unaligned inputs, several splits, zero rows, identical inputs.
+    Case(3, 7, (64,), F32, teachers_grad=True, precision="tf32", quick=True),
+    Case(3, 7, (64,), F32, teachers_grad=True, precision="tf32x3", quick=True),
+    Case(70, 64, (40,), F32, teachers_grad=True, misalign=True, precision="tf32x3", quick=True),
+    Case(130, 33, (1, 64, 9), F32, teachers_grad=True, grad=-1.5, precision="tf32"),
+    Case(130, 33, (1, 64, 9), F32, teachers_grad=True, grad=-1.5, precision="tf32x3"),
+    Case(100, 300, (64,), F32, teachers_grad=True, precision="tf32"),
+    Case(100, 300, (64,), F32, teachers_grad=True, precision="tf32x3"),
+    Case(257, 33, (8, 30), F32, teachers_grad=True, sms=4, precision="tf32x3", expect_splits=2),
+    Case(19, 8, (5,), F32, teachers_grad=True, fr=0.5, zero_rows=True, precision="tf32x3"),
+    Case(33, 16, (16,), F32, teachers_grad=True, same=True, precision="tf32x3"),
+    Case(33, 16, (16,), F32, teachers_grad=True, same=True, precision="tf32"),
 ]
 
 
@@ -128,7 +163,8 @@ def run(exe: Path, case: Case) -> Outputs:
         emu.write(d / "grad.bin", torch.tensor([case.grad], dtype=acc))
         args = [tmp, emu.CODES[case.dtype], case.batch, case.student_width, len(teachers)]
         args += [*case.teacher_widths, int(case.teachers_grad), repr(case.kd), repr(case.fr)]
-        result = emu.run_driver(exe, args + [case.sms], misalign=case.misalign)
+        args += [case.sms, PRECISIONS[case.precision]]
+        result = emu.run_driver(exe, args, misalign=case.misalign)
 
         def grads(suffix):
             out = [emu.read(d / f"grad_student{suffix}.bin", case.dtype, student.shape)]
@@ -164,18 +200,19 @@ def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
     student, teachers = make_inputs(case)
     ref_loss, ref_grads = reference64(case) if ref is None else ref
     checks = [
-        Check(
-            name, verdict.relative_error(loss, ref_loss, abs(ref_loss.item())), LOSS_TOL[case.dtype]
-        )
+        Check(name, verdict.relative_error(loss, ref_loss, abs(ref_loss.item())), case.loss_tol)
         for name, loss in (("loss", out.loss), ("loss_fb", out.loss_fb))
     ]
-    tol = GRAD_TOL[case.dtype]
+    tol = case.grad_tol
     labels = ["student"] + [f"teacher{e}" for e in range(len(teachers))]
     for name, grads, factor in (("bwd", out.grads, case.grad), ("fb", out.grads_fb, 1.0)):
         terms = verdict.fkd_grad_terms(student, teachers, case.kd, case.fr, factor)
         for label, got, want, t in zip(labels, grads, ref_grads, terms, strict=False):
             want = factor * want
-            scale = verdict.grad_scale(want, tol, slack=verdict.roundoff(t, case.dtype))
+            slack = verdict.roundoff(t, case.dtype)
+            if case.precision == "tf32":  # operands rounded to TF32, not float32
+                slack *= TF32_EPS / verdict.accumulation_eps(case.dtype)
+            scale = verdict.grad_scale(want, tol, slack=slack)
             err = verdict.relative_error(got, want, 1.0)
             # The result is returned in the input dtype: that rounding is no kernel error.
             excess = max(0.0, err - 2 * verdict.rounding_error(want, case.dtype)) / scale

@@ -1,8 +1,9 @@
 // Runs the CUDA FKD launchers of csrc/cuda/fkd.cu on the CPU model in mock/ (see fkd.py).
 //
-//   fkd_emulator DIR DTYPE B Ds E Dt_1 .. Dt_E TEACHERS_GRAD KD FR SM_COUNT
+//   fkd_emulator DIR DTYPE B Ds E Dt_1 .. Dt_E TEACHERS_GRAD KD FR SM_COUNT PRECISION
 //
-// DTYPE: 0 float16, 1 bfloat16, 2 float32, 3 float64 (the operand type). Reads DIR/student.bin,
+// DTYPE: 0 float16, 1 bfloat16, 2 float32, 3 float64 (the operand type). PRECISION: 0 ieee,
+// 1 tf32, 2 tf32x3 (FkdArgs::precision; float32 operands only). Reads DIR/student.bin,
 // DIR/teacher<e>.bin (raw, operand type) and DIR/grad.bin (one value, accumulation type). Runs
 // fkd_forward, fkd_backward (scaled by grad) and fkd_forward_backward as fkd_binding.cpp calls
 // them and writes DIR/loss.bin, DIR/grad_student.bin, DIR/grad_teacher<e>.bin, and the same with
@@ -26,18 +27,20 @@ using emulator_io::read_file;
 using emulator_io::write_file;
 
 int main(int argc, char** argv) {
-  if (argc < 7) mock::fail("usage: fkd_emulator DIR DTYPE B Ds E Dt_1..Dt_E TG KD FR SMS");
+  if (argc < 7) mock::fail("usage: fkd_emulator DIR DTYPE B Ds E Dt_1..Dt_E TG KD FR SMS PREC");
   int i = 1;
   const std::string dir = argv[i++];
   const DType dtype = DType(std::atoi(argv[i++]));
   const int64_t B = std::atoll(argv[i++]), Ds = std::atoll(argv[i++]);
   const int E = std::atoi(argv[i++]);
-  if (argc != 6 + E + 4) mock::fail("wrong number of arguments");
+  if (argc != 6 + E + 5) mock::fail("wrong number of arguments");
   std::vector<int64_t> widths(E);
   for (auto& w : widths) w = std::atoll(argv[i++]);
   const bool teachers_grad = std::atoi(argv[i++]) != 0;
   const double kd = std::atof(argv[i++]), fr = std::atof(argv[i++]);
   const int sms = std::atoi(argv[i++]);
+  const int precision = std::atoi(argv[i++]);
+  if (precision < 0 || precision > 2) mock::fail("PRECISION must be 0, 1 or 2");
   const size_t es = size_of(dtype), as = acc_size_of(dtype);
   const bool misalign = std::getenv("EMU_MISALIGN") != nullptr;
 
@@ -50,6 +53,7 @@ int main(int argc, char** argv) {
   };
   FkdArgs a{};
   a.dtype = dtype;
+  a.precision = Precision(precision);
   a.batch = B;
   a.student = input("student", B * Ds * es);
   a.student_width = Ds;
