@@ -49,7 +49,6 @@ struct FkdArgs {
   int64_t teacher_col0[kMaxTeachers]{};  // first column of teacher e in the teacher accumulator
   int64_t teacher_total_width = 0;       // sum of Dt_e
   double kd_weight = 0, fr_weight = 0;
-  Precision precision = Precision::kIeee; // products of float32 operands (launch.h)
   // fkd_backward: the 0-dim upstream gradient (accumulation type, on the device); null means 1.
   const void* grad = nullptr;
   bool teachers_grad = false;            // also the teachers' gradients

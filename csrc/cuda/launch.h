@@ -45,7 +45,8 @@ enum class DType : int { kHalf, kBFloat16, kFloat, kDouble };
 // How float32 operands are multiplied (SPEC §6): kIeee every product in float32 on CUDA cores;
 // kTf32 one TF32 tensor-core product (inputs rounded to 10 mantissa bits); kTf32x3 each operand
 // split a = hi + lo (hi = tf32(a), lo = tf32(a - hi)) and hi.hi + hi.lo + lo.hi on tensor cores,
-// float32 accumulation (close to kIeee). Other dtypes ignore it.
+// float32 accumulation (close to kIeee). Other dtypes ignore it. Set from the `precision` op
+// argument, never from torch's global TF32 flags.
 enum class Precision : int { kIeee = 0, kTf32 = 1, kTf32x3 = 2 };
 
 constexpr size_t size_of(DType t) {
@@ -95,14 +96,6 @@ __device__ __forceinline__ void store(double* p, V v) {
   *p = double(v);
 }
 #endif
-
-// How the float32 products of FKD and RKD are formed (SPEC §6; the `precision` op argument). Only
-// float32 operands read it: 16-bit products are exact in the fp32 accumulator, float64 stays
-// float64. kIeee: every product in fp32 (FMA units). kTf32: one TF32 tensor-core product (10-bit
-// mantissas, ~1e-3 relative). kTf32x3: x = hi + lo with hi = tf32(x), lo = tf32(x - hi), and
-// a.b = hi_a.hi_b + hi_a.lo_b + lo_a.hi_b on tensor cores (~fp32 accuracy). Never read from
-// torch's global TF32 flags.
-enum class Precision : int { kIeee = 0, kTf32 = 1, kTf32x3 = 2 };
 
 // Which op of csrc/ops.cpp a launcher runs; the workspace depends on it.
 enum class Pass { kForward, kBackward, kForwardBackward };

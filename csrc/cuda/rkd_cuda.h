@@ -31,7 +31,6 @@ struct RkdArgs {
   void* grad_student = nullptr;    // (B, Ds) in grad_student_dtype
   void* grad_teacher = nullptr;    // (B, Dt) in grad_teacher_dtype; null: not wanted
   DType grad_student_dtype = DType::kFloat, grad_teacher_dtype = DType::kFloat;
-  Precision precision = Precision::kIeee;  // products of float32 operands (launch.h)
   int sm_count = 1;                // multiprocessors of the device: rkd_splits
   int splits = 0;                  // > 0: this many ranges instead (the emulator)
   void* workspace = nullptr;       // rkd_workspace_bytes(*this, pass) bytes
