@@ -2,9 +2,10 @@
 
 ``run(exe, case)`` runs fkd_forward, fkd_backward (scaled by the case's upstream gradient) and
 fkd_forward_backward as fkd_binding.cpp calls them; ``verdicts(case, outputs)`` compares the loss
-and every gradient with ``fastkd.reference.fkd_loss`` + autograd in float64 on scales from
-``verdict.py``. tests/emulator/test_fkd_emulator.py runs every case as a pytest case; from the
-command line (a few minutes for all cases on two cores; one OS thread per CUDA thread)::
+and every gradient with ``fastkd.reference.fkd_loss`` + autograd in float64, judged by
+``fastkd.testing`` (tolerances ``TOL[("fkd", dtype)]``). tests/emulator/test_fkd_emulator.py runs
+every case as a pytest case; from the command line (a few minutes for all cases on two cores; one
+OS thread per CUDA thread)::
 
     python -m tools.cuda_emulator.fkd                # AddressSanitizer + UBSan, all cases
     python -m tools.cuda_emulator.fkd --sanitize thread --quick
@@ -18,17 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fastkd import reference
+from fastkd import reference, testing
 from tools.cuda_emulator import build as emu
-from tools.cuda_emulator import verdict
-from tools.cuda_emulator.cli import main_for
-from tools.cuda_emulator.verdict import Check
+from tools.cuda_emulator.cli import Check, main_for
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# Loss: relative to the reference. Gradients: relative to verdict.grad_scale, after the rounding
-# of the result to the input dtype (which any kernel pays).
-LOSS_TOL = {F64: 1e-12, F32: 1e-5, F16: 1e-5, BF16: 1e-5}
-GRAD_TOL = {F64: 1e-12, F32: 1e-5, F16: 2e-3, BF16: 1e-2}
 
 
 @dataclass(frozen=True)
@@ -149,37 +144,36 @@ def run(exe: Path, case: Case) -> Outputs:
         )
 
 
-def reference64(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Loss and gradients (grad = 1) of the case's inputs, float64 reference + autograd."""
+def expected(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and gradients (grad = 1; the teachers' only if teachers_grad) of the case's inputs:
+    ``fastkd.testing.reference64`` of ``fastkd.reference.fkd_loss``."""
     student, teachers = make_inputs(case)
-    s = student.double().requires_grad_()
-    ts = [t.double().requires_grad_(case.teachers_grad) for t in teachers]
-    loss = reference.fkd_loss(s, ts, case.kd, case.fr)
-    grads = torch.autograd.grad(loss, [s] + (ts if case.teachers_grad else []))
-    return loss.detach(), [g.detach() for g in grads]
+    flags = [True] + [case.teachers_grad] * len(teachers)
+    loss, grads = testing.reference64(
+        lambda s, *ts: reference.fkd_loss(s, list(ts), case.kd, case.fr),
+        [student, *teachers],
+        flags,
+    )
+    return loss, [g for g in grads if g is not None]
 
 
 def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
-    """Every comparison of ``out`` with the reference (``reference64(case)`` unless given)."""
+    """Every comparison of ``out`` with the reference (``expected(case)`` unless given), judged
+    by ``fastkd.testing.error_ratio`` on the terms of ``fastkd.testing.fkd_terms``."""
     student, teachers = make_inputs(case)
-    ref_loss, ref_grads = reference64(case) if ref is None else ref
+    ref_loss, ref_grads = expected(case) if ref is None else ref
+    tol = testing.tolerance(case.dtype, "fkd")
+    value_terms = testing.fkd_terms(student, teachers, case.kd, case.fr)[0]
     checks = [
-        Check(
-            name, verdict.relative_error(loss, ref_loss, abs(ref_loss.item())), LOSS_TOL[case.dtype]
-        )
+        Check(name, testing.error_ratio(loss, ref_loss, case.dtype, tol.value, value_terms), 1.0)
         for name, loss in (("loss", out.loss), ("loss_fb", out.loss_fb))
     ]
-    tol = GRAD_TOL[case.dtype]
     labels = ["student"] + [f"teacher{e}" for e in range(len(teachers))]
     for name, grads, factor in (("bwd", out.grads, case.grad), ("fb", out.grads_fb, 1.0)):
-        terms = verdict.fkd_grad_terms(student, teachers, case.kd, case.fr, factor)
+        terms = testing.fkd_terms(student, teachers, case.kd, case.fr, factor)[1]
         for label, got, want, t in zip(labels, grads, ref_grads, terms, strict=False):
-            want = factor * want
-            scale = verdict.grad_scale(want, tol, slack=verdict.roundoff(t, case.dtype))
-            err = verdict.relative_error(got, want, 1.0)
-            # The result is returned in the input dtype: that rounding is no kernel error.
-            excess = max(0.0, err - 2 * verdict.rounding_error(want, case.dtype)) / scale
-            checks.append(Check(f"grad_{label}_{name}", excess, tol))
+            ratio = testing.error_ratio(got, factor * want, case.dtype, tol.grad, t)
+            checks.append(Check(f"grad_{label}_{name}", ratio, 1.0))
     if case.expect_splits is not None:
         checks.append(Check("splits", float(out.splits != case.expect_splits), 0.0))
     return checks
