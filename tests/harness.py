@@ -5,24 +5,16 @@ Every backend test of fastkd goes through these pieces:
 * :data:`OPS`: one :class:`OpSpec` per op (fkd, sp, rkd, srd): how to make its inputs for a
   :class:`Case` (shape, dtype, backend, options), how to call the loss through the public API,
   the float64 reference call, the size of the terms its value and gradients are summed from
-  (:meth:`OpSpec.terms`), its raw ops (``torch.ops.<namespace>.<op>_*``) and its bad inputs.
-* :func:`reference64`: the float64 oracle, value and gradient of every input, for an upstream
-  gradient ``grad_out`` (the tests use values != 1, so a kernel that ignores it fails).
-* :data:`TOL`: input dtype -> (value rtol, gradient tol), the only tolerance table.
-* :func:`assert_close`: the only judgement. An error passes when
-
-      |got - want| <= rounding(want -> got.dtype) + max(tol * max |want|, ULPS eps terms)
-
-  entry by entry. ``rounding`` is what storing the result in its dtype costs whatever a kernel
-  does; ``terms`` is the size of the terms each entry is summed from, computed in float64 from
-  the inputs
-  (never from the computed difference, nor from the reference's own result), and ``eps`` the
-  machine epsilon of the accumulation dtype. Where the result is of the size of its terms the
-  second term is far below the first and the tolerance stays ``tol``. Where the result cancels
-  to zero in exact arithmetic (the FKD teacher gradient at B = 1, width 1, RKD at B = 2, SRD's
-  train-mode gradient at B = 2, identical inputs) the reference is only roundoff (1e-17 or 0
-  depending on the host's BLAS), and the error is judged against ``ULPS`` roundings of the
-  terms instead: host-independent, and still tight.
+  (:meth:`OpSpec.terms`, from :mod:`fastkd.testing`), its raw ops
+  (``torch.ops.<namespace>.<op>_*``) and its bad inputs.
+* :func:`oracle`: :func:`fastkd.testing.reference64` of an op, value and gradient of every
+  input, for an upstream gradient ``grad_out`` (the tests use values != 1, so a kernel that
+  ignores it fails).
+* The tolerance table (:data:`fastkd.testing.TOL`) and the judgement
+  (:func:`fastkd.testing.assert_close`: errors within rounding + max(tol * max |want|,
+  ``ULPS`` eps terms), entry by entry, never on a scale that comes from roundoff) are
+  :mod:`fastkd.testing`'s, re-exported here; :func:`assert_matches` applies them to a whole
+  :class:`Result`.
 
 It also says where each backend runs (:func:`device_of`, :func:`backend_marks`): the Triton
 interpreter (``TRITON_INTERPRET=1``, set by conftest.py) on CPU tensors whatever the host has,
@@ -40,6 +32,20 @@ import torch
 
 import fastkd
 from fastkd import _extension, reference
+from fastkd.testing import (  # noqa: F401  (the tests import the judgement from here)
+    TOL,
+    ULPS,
+    Tol,
+    accumulation_eps,
+    allowed_error,
+    assert_close,
+    fkd_terms,
+    reference64,
+    rkd_terms,
+    rounding_error,
+    sp_terms,
+    srd_terms,
+)
 from fastkd.validation import interpreter_enabled
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
@@ -93,80 +99,6 @@ def backend_marks(backend: str, gpu: bool = False) -> list:
     if backend == "triton":
         return [pytest.mark.gpu, needs_triton_gpu] if gpu else [needs_triton]
     return []
-
-
-# ------------------------------------------------------------------------------------ tolerances
-
-
-@dataclass(frozen=True)
-class Tol:
-    """Relative tolerance of the loss value and of the gradients for one input dtype."""
-
-    value: float
-    grad: float
-
-
-# float64: the kernels compute in float64. float32: float32 accumulation. float16/bfloat16: the
-# inputs are exact in float32, so the loss keeps float32 accuracy; a gradient may take four
-# roundings in the input dtype (tensor-core backends round the difference tile and the
-# normalised rows to it before the second product) on top of its own rounding.
-TOL = {
-    F64: Tol(1e-10, 1e-10),
-    F32: Tol(1e-5, 1e-5),
-    F16: Tol(1e-5, 4 * torch.finfo(F16).eps),
-    BF16: Tol(1e-5, 4 * torch.finfo(BF16).eps),
-}
-ULPS = 16.0  # roundings of its terms that a correct kernel may leave in a cancelling result
-
-
-def accumulation_eps(dtype: torch.dtype) -> float:
-    """Machine epsilon of the arithmetic for ``dtype`` inputs (float64, else float32)."""
-    return torch.finfo(reference.accumulation_dtype(dtype)).eps
-
-
-def rounding_error(want: torch.Tensor, dtype: torch.dtype) -> float:
-    """max |round(want, dtype) - want|: what returning ``want`` in ``dtype`` costs."""
-    w = want.detach().double()
-    return (w.to(dtype).double() - w).abs().max().item() if w.numel() else 0.0
-
-
-def allowed_error(
-    want: torch.Tensor, out_dtype, dtype, tol: float, terms: float | torch.Tensor = 0.0
-) -> torch.Tensor:
-    """The error :func:`assert_close` accepts for each entry of ``want`` (module docstring):
-    ``dtype`` is the inputs', ``terms`` a number or a tensor of ``want``'s size."""
-    w = want.detach().double().cpu()
-    largest = w.abs().max().item() if w.numel() else 0.0
-    if isinstance(terms, torch.Tensor):
-        terms = terms.detach().double().cpu().reshape(w.shape)
-    slack = ULPS * accumulation_eps(dtype) * torch.as_tensor(terms, dtype=F64)
-    return rounding_error(w, out_dtype) + torch.clamp(slack, min=tol * largest).expand(w.shape)
-
-
-def assert_close(
-    got: torch.Tensor,
-    want: torch.Tensor,
-    dtype,
-    tol: float,
-    terms: float | torch.Tensor = 0.0,
-    what: str = "",
-) -> None:
-    """``got`` (any dtype, any device) matches the float64 ``want``: same shape, NaN and Inf
-    where ``want`` has them, and every finite error within :func:`allowed_error`."""
-    g, w = got.detach().double().cpu(), want.detach().double().cpu()
-    assert g.shape == w.shape, f"{what}: shape {tuple(g.shape)} != {tuple(w.shape)}"
-    finite = torch.isfinite(w)
-    assert torch.equal(torch.isfinite(g), finite), f"{what}: non-finite entries differ"
-    assert torch.equal(g[~finite].isnan(), w[~finite].isnan()), f"{what}: NaN/Inf differ"
-    allowed = allowed_error(w.where(finite, 0.0), got.dtype, dtype, tol, terms)
-    excess = ((g - w).abs() - allowed).where(finite, -1.0)
-    if excess.numel() and excess.max().item() > 0:
-        i = int(excess.flatten().argmax())
-        err, ok = (g - w).abs().flatten()[i].item(), allowed.flatten()[i].item()
-        scale = w.where(finite, 0.0).abs().max().item()
-        raise AssertionError(
-            f"{what}: error {err:.3g} > allowed {ok:.3g} at flat index {i} (max|want| {scale:.3g})"
-        )
 
 
 # ------------------------------------------------------------------------------------- the cases
@@ -326,15 +258,15 @@ def run(
     return Result(loss.detach(), [x.grad for x in leaves], bufs)
 
 
-def reference64(op: OpSpec, inputs: Inputs, grad_out: float = 1.0) -> Result:
-    """The oracle: fastkd.reference on float64 copies, gradients of every input times
-    ``grad_out`` (the running buffers are updated in their own dtype, as the kernels do)."""
+def oracle(op: OpSpec, inputs: Inputs, grad_out: float = 1.0) -> Result:
+    """:func:`fastkd.testing.reference64` of ``op`` on ``inputs``: gradients of every input
+    times ``grad_out`` (the running buffers are updated in their own dtype, as the kernels do)."""
     x = inputs.to64()
-    leaves = [t.requires_grad_() for t in x.tensors]
     bufs = x.fresh_buffers()
-    loss = op.ref(x, leaves, bufs)
-    grads = torch.autograd.grad(loss, leaves, torch.tensor(grad_out, dtype=F64, device=loss.device))
-    return Result(loss.detach(), list(grads), bufs)
+    loss, grads = reference64(
+        lambda *leaves: op.ref(x, list(leaves), bufs), x.tensors, None, grad_out
+    )
+    return Result(loss, grads, bufs)
 
 
 def assert_matches(
@@ -347,7 +279,7 @@ def assert_matches(
     what: str = "",
     rows: torch.Tensor | None = None,
 ) -> None:
-    """``got`` (a :func:`run`) matches ``want`` (a :func:`reference64` of the same inputs): loss
+    """``got`` (a :func:`run`) matches ``want`` (a :func:`oracle` of the same inputs): loss
     dtype, value, the gradient of each input requiring grad (dtype and value), buffers.
 
     ``rows`` (a (B,) bool mask, e.g. the zero rows, whose gradient is ~1e12 times the others'):
@@ -385,7 +317,7 @@ def _input_dtype(inputs: Inputs) -> torch.dtype:
 
 def check_op_calls(op: OpSpec, backend: str, inputs: Inputs, grad: float) -> None:
     """Every raw op of ``backend`` against the float64 reference (upstream ``grad``)."""
-    want = reference64(op, inputs, 1.0)
+    want = oracle(op, inputs, 1.0)
     dtype = _input_dtype(inputs)
     tol = TOL[dtype]
     value_terms, grad_terms = op.terms(inputs.to64(), 1.0, dtype)
@@ -406,36 +338,9 @@ def check_op_calls(op: OpSpec, backend: str, inputs: Inputs, grad: float) -> Non
 FKD_WEIGHTS = (("fr_weight", 0.05), ("kd_weight", 0.8))
 
 
-def _normalized(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_i / max(|x_i|, eps), 1 / max(|x_i|, eps)) per row, float64."""
-    inv = 1.0 / x.norm(dim=1, keepdim=True).clamp_min(reference.NORM_EPS)
-    return x * inv, inv
-
-
-def fkd_terms(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, list]:
-    """Sizes of the terms of the FKD loss and gradients (SPEC §1), float64, from the inputs.
-
-    d x_i = (G_i - (G_i . a_i) a_i) / |x_i| with G = (4 kd / B^2)(rho_S - rho_T) A (the student:
-    A its normalised rows; teacher e: -1/E times that with its own rows): bounded with
-    |rho_S| + |rho_T| in place of the difference, which is what cancels (to 0 at B = 1).
-    """
+def _fkd_sizes(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, list]:
     s, *ts = x.tensors
-    kd, fr = x.options["kd_weight"], x.options["fr_weight"]
-    b = s.shape[0]
-    a, inv_s = _normalized(s)
-    hats = [_normalized(t) for t in ts]
-    k_abs = (a @ a.T).abs() + sum((h @ h.T).abs() for h, _ in hats) / len(ts)
-    scale = abs(grad_out) * abs(kd) * 4.0 / b**2
-
-    def side(rows, inv, share):
-        g = share * scale * (k_abs @ rows.abs())
-        along = (g * rows.abs()).sum(1, keepdim=True)
-        return (g + along * rows.abs()) * inv
-
-    student = side(a, inv_s, 1.0) + abs(grad_out * fr) * 2.0 * s.abs() / s.numel()
-    teachers = [side(h, inv, 1.0 / len(ts)) for h, inv in hats]
-    value = abs(kd) * k_abs.square().mean().item() + abs(fr) * s.square().mean().item()
-    return value, [student, *teachers]
+    return fkd_terms(s, ts, x.options["kd_weight"], x.options["fr_weight"], grad_out)
 
 
 def _fkd_make(gen, case):
@@ -554,32 +459,6 @@ FKD_BAD = (
 # ------------------------------------------------------------------------------------- SP (§2)
 
 
-def sp_terms(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, list]:
-    """Sizes of the terms of the SP loss and gradients (SPEC §2), float64, from the inputs.
-
-    dL/dGhat_S = -2 (Ghat_T - Ghat_S) / B^2, bounded by U = 2 (|Ghat_T| + |Ghat_S|) / B^2; the
-    row normalisation's backward (U_i - (U_i . Ghat_i) Ghat_i) / n_i and G = F F^T's
-    (V + V^T) F are bounded term by term.
-    """
-    fs, ft = (t.flatten(1) for t in x.tensors)
-    b = fs.shape[0]
-
-    def gram(f):
-        g = f @ f.T
-        n = g.norm(dim=1, keepdim=True).clamp_min(reference.NORM_EPS)
-        return g / n, n
-
-    (gs, ns), (gt, nt) = gram(fs), gram(ft)
-    u = 2.0 * (gs.abs() + gt.abs()) / b**2
-
-    def side(f, gh, n):
-        v = (u + (u * gh.abs()).sum(1, keepdim=True) * gh.abs()) / n
-        return abs(grad_out) * ((v + v.T) @ f.abs())
-
-    value = (gs.abs() + gt.abs()).square().mean().item()
-    return value, [side(fs, gs, ns), side(ft, gt, nt)]
-
-
 def _pair_make(scale_t: float = 1.0):
     def make(gen, case):
         b, (ds, dt) = case.batch, case.widths
@@ -624,42 +503,6 @@ RELATIONAL_BAD = (
 
 
 # ------------------------------------------------------------------------------ RKD distance (§2)
-
-RKD_CLAMP = 1e-12  # the clamp of the squared distance (SPEC §2)
-
-
-def rkd_terms(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, list]:
-    """Sizes of the terms of the RKD distance loss and gradients (SPEC §2), float64.
-
-    With x = d_S/mu_S - d_T/mu_T and a = d_S/mu_S + d_T/mu_T, the distances' rounding moves x by
-    about eps a: the gradient's error comes through the slope min(a, 1) (not min(|x|, 1): x
-    cancels to 0 at B = 2), the mean normalisation C = sum min(a, 1) d / (mu^2 B^2 P), and
-    |f_i - f_j| / d_ij <= 1. The loss moves by min(|x|, 1) eps a + (eps a)^2 / 2 (the second
-    order is all that is left at B = 2, where x = 0 and the loss 0 exactly).
-    """
-    fs, ft = (t.flatten(1) for t in x.tensors)
-    b = fs.shape[0]
-    off = ~torch.eye(b, dtype=torch.bool, device=fs.device)
-
-    def dist(f):
-        sq = f.square().sum(1)
-        q = (sq[:, None] + sq[None, :]).sub_(f @ f.T, alpha=2.0).clamp_min_(RKD_CLAMP)
-        d = q.sqrt().mul_(off)
-        return d, d.sum() / (d > 0).sum(), (q > RKD_CLAMP) & off
-
-    (d_s, mu_s, pass_s), (d_t, mu_t, pass_t) = dist(fs), dist(ft)
-    a = (d_s / mu_s).add_(d_t / mu_t)  # zero on the diagonal
-    slope = a.clamp_max(1.0)
-
-    def side(f, d, mu, passes):
-        c = (slope * d).sum() / (mu**2 * b**2 * off.sum())
-        w = (slope / (mu * b**2) + c) * passes  # symmetric: the (i, j) and (j, i) terms
-        return abs(grad_out) * 4.0 * w.sum(1, keepdim=True).expand(b, f.shape[1])
-
-    x_abs = (d_s / mu_s - d_t / mu_t).abs()
-    delta = ULPS * accumulation_eps(dtype) * a
-    value = (x_abs.clamp_max(1.0) * a + delta * a / 2).mean().item()
-    return value, [side(fs, d_s, mu_s, pass_s), side(ft, d_t, mu_t, pass_t)]
 
 
 def _rkd_call(x, leaves, bufs, backend, algorithm):
@@ -716,37 +559,10 @@ def srd_buffers(gen: torch.Generator, width: int) -> list[torch.Tensor]:
     return [mean_s, var_s, mean_t, var_t]
 
 
-def srd_terms(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, list]:
-    """Sizes of the terms of the SRD loss and gradients (SPEC §3), float64, from the inputs.
-
-    g = dL/ds = p |d|^(p-1) sign(d) / S. Training: dz = (g - mean_b g - s mean_b(g s)) rstd,
-    which cancels to O(eps / var) of its terms at B = 2 (every column normalises to +-1), so
-    it is bounded term by term; eval: dz = g rstd. The loss log S: its absolute error is the
-    relative error of S, bounded by p |d|^(p-1) (|s| + |t|) + |d|^p over S. Identical inputs
-    (S = 0) have no terms: their loss is log(tiny) and their gradient zero, exactly.
-    """
-    zs, zt = x.tensors
-    p, eps = x.options["p"], x.options.get("eps", reference.SRD_EPS)
-    if x.options["training"]:
-        stats = [(z.mean(0), z.var(0, unbiased=False)) for z in (zs, zt)]
-    else:
-        rm_s, rv_s, rm_t, rv_t = (b.double() for b in x.buffers)
-        stats = [(rm_s, rv_s), (rm_t, rv_t)]
-    rstd = [(v + eps).rsqrt() for _, v in stats]
-    s, t = ((z - m) * r for z, (m, _), r in zip((zs, zt), stats, rstd, strict=True))
-    d = (s - t).abs()
-    total = d.pow(p).sum()
-    if total.item() == 0.0:
-        return 0.0, [0.0, 0.0]
-    g = p * d.pow(p - 1) / total
-    value = ((g * (s.abs() + t.abs())).sum() + 1.0).item()
-
-    def side(n, r):
-        if not x.options["training"]:
-            return g * r
-        return (g + g.mean(0) + n.abs() * (g * n).abs().mean(0)) * r
-
-    return value, [abs(grad_out) * side(s, rstd[0]), abs(grad_out) * side(t, rstd[1])]
+def _srd_sizes(x: Inputs, grad_out: float, dtype: torch.dtype) -> tuple[float, list]:
+    o = x.options
+    eps = o.get("eps", reference.SRD_EPS)
+    return srd_terms(*x.tensors, o["p"], eps, o["training"], x.buffers, grad_out)
 
 
 def _srd_make(gen, case):
@@ -879,7 +695,7 @@ OPS: dict[str, OpSpec] = {
         _fkd_make,
         _fkd_call,
         _fkd_ref,
-        fkd_terms,
+        _fkd_sizes,
         _fkd_op_calls,
         _fkd_module,
         FKD_BAD,
@@ -891,7 +707,7 @@ OPS: dict[str, OpSpec] = {
         _pair_make(),
         _sp_call,
         _sp_ref,
-        sp_terms,
+        lambda x, grad_out, dtype: sp_terms(*x.tensors, grad_out),
         None,
         lambda backend, algorithm, options: fastkd.SPLoss(backend=backend, algorithm=algorithm),
         RELATIONAL_BAD,
@@ -903,7 +719,7 @@ OPS: dict[str, OpSpec] = {
         _pair_make(3.0),
         _rkd_call,
         _rkd_ref,
-        rkd_terms,
+        lambda x, grad_out, dtype: rkd_terms(*x.tensors, grad_out, dtype),
         _rkd_op_calls,
         lambda backend, algorithm, options: fastkd.RKDDistanceLoss(
             backend=backend, algorithm=algorithm
@@ -917,7 +733,7 @@ OPS: dict[str, OpSpec] = {
         _srd_make,
         _srd_call,
         _srd_ref,
-        srd_terms,
+        _srd_sizes,
         _srd_op_calls,
         _srd_module,
         SRD_BAD,

@@ -18,7 +18,7 @@ from harness import (
     assert_close,
     assert_matches,
     needs_cuda_kernels,
-    reference64,
+    oracle,
     run,
 )
 
@@ -32,7 +32,7 @@ GRAD_OUT = -0.37
 def _check(case: Case, inputs=None, rows=None):
     inputs = inputs or FKD.inputs(case)
     got = run(FKD, inputs, "cuda", "tiled", GRAD_OUT)
-    want = reference64(FKD, inputs, GRAD_OUT)
+    want = oracle(FKD, inputs, GRAD_OUT)
     assert_matches(FKD, got, want, inputs, GRAD_OUT, what=case.id, rows=rows)
     return got
 
@@ -65,7 +65,7 @@ def test_mixed_input_dtypes():
         inputs = FKD.inputs(case)
         inputs.tensors = [inputs.tensors[0].to(s_dtype), inputs.tensors[1].to(t_dtype)]
         got = run(FKD, inputs, "cuda", "tiled", GRAD_OUT)
-        want = reference64(FKD, inputs, GRAD_OUT)
+        want = oracle(FKD, inputs, GRAD_OUT)
         _, terms = FKD.terms(inputs.to64(), GRAD_OUT, s_dtype)
         assert got.loss.dtype == (F64 if t_dtype == F64 else F32)
         assert_close(got.loss, want.loss, F32, TOL[F32].value, what="loss")
@@ -94,7 +94,7 @@ def test_second_device():
     inputs = FKD.inputs(case).map(lambda t: t.to("cuda:1"))
     got = run(FKD, inputs, "cuda", "tiled", GRAD_OUT)
     assert got.loss.device == inputs.tensors[0].device == got.grads[0].device
-    assert_matches(FKD, got, reference64(FKD, inputs, GRAD_OUT), inputs, GRAD_OUT)
+    assert_matches(FKD, got, oracle(FKD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
 @pytest.mark.parametrize("dtype", [F16, F32], ids=str)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import fastkd
-from fastkd import reference
+from fastkd import reference, testing
 from fastkd.losses import fkd_dual
 
 LEVELS = (1e-3, 1e-5, 1e-7)
@@ -69,12 +69,12 @@ def make_case(kind, b, d, level, seed):
     raise ValueError(kind)
 
 
-def reference64(student, teachers, kd_weight=1.0, fr_weight=0.0):
-    """Value and gradients (student, then each teacher) of the float64 reference."""
-    s = student.detach().double().requires_grad_()
-    ts = [t.detach().double().requires_grad_() for t in teachers]
-    loss = reference.fkd_loss(s, ts, kd_weight, fr_weight)
-    return loss.detach(), list(torch.autograd.grad(loss, [s, *ts]))
+def fkd_reference(student, teachers, kd_weight=1.0, fr_weight=0.0):
+    """Value and gradients (student, then each teacher): fastkd.testing.reference64 of
+    fastkd.reference.fkd_loss."""
+    return testing.reference64(
+        lambda s, *ts: reference.fkd_loss(s, list(ts), kd_weight, fr_weight), [student, *teachers]
+    )
 
 
 MODES = {  # mode: (Gram dtype, ALIGN); see dual()
@@ -173,7 +173,7 @@ def _cases():
 @pytest.mark.parametrize("kind,level,b", list(_cases()))
 def test_fp32_form_matches_float64_reference_near_agreement(kind, level, b):
     student, teachers = make_case(kind, b, 6, level, seed=b)
-    want = reference64(student, teachers)
+    want = fkd_reference(student, teachers)
     value_err, grad_err = errors(dual(student, teachers), want)
     if kind == "noisy":
         assert value_err < VALUE_RTOL and grad_err < GRAD_RTOL, (value_err, grad_err)
@@ -190,7 +190,7 @@ def test_naive_fp32_fails_where_the_sum_difference_form_passes(level):
     # Same inputs, same normalisations: only the Gram formula differs. The naive error grows
     # like 1e-7 / level^2 (already ~1e-2 at level 1e-3), the sum-difference one stays ~1e-7.
     student, teachers = make_case("noisy", 513, 16, level, seed=7)
-    want = reference64(student, teachers)
+    want = fkd_reference(student, teachers)
     naive_value, naive_grad = errors(dual(student, teachers, mode="three32"), want)
     ours_value, ours_grad = errors(dual(student, teachers), want)
     assert naive_value > 100 * VALUE_RTOL and naive_grad > 10 * GRAD_RTOL
@@ -202,7 +202,7 @@ def test_float64_grams_use_the_same_form_and_beat_three_grams(kind):
     # The CPU path (float64 Grams): the three float64 Grams cancel too at agreement 1e-7; the
     # sum-difference form stays at the float32 output's rounding (aligned for the ensemble).
     student, teachers = make_case(kind, 513, 16, 1e-7, seed=15)
-    want = reference64(student, teachers)
+    want = fkd_reference(student, teachers)
     mode = "float64" if kind == "noisy" else "float64-aligned"
     ours = errors(dual(student, teachers, mode=mode), want)
     three = errors(dual(student, teachers, mode="three64"), want)
@@ -214,7 +214,7 @@ def test_alignment_is_what_makes_another_basis_accurate():
     # A rotated teacher has the same kernel; without the Procrustes turn, Q = A - T is O(1) and
     # the sum-difference form cancels as badly as the naive one.
     student, teachers = make_case("rotated", 513, 16, 1e-4, seed=8)
-    want = reference64(student, teachers)
+    want = fkd_reference(student, teachers)
     unaligned = errors(dual(student, teachers, mode="float32-unaligned"), want)
     aligned = errors(dual(student, teachers), want)
     assert unaligned[0] > 1e-1
@@ -229,7 +229,7 @@ def test_fp32_form_on_unrelated_features_with_weights(b, ds, dts):
     student = torch.randn(b, ds, generator=gen)
     teachers = [torch.randn(b, d, generator=gen) for d in dts]
     got = dual(student, teachers, 0.8, 0.3)
-    value_err, grad_err = errors(got, reference64(student, teachers, 0.8, 0.3))
+    value_err, grad_err = errors(got, fkd_reference(student, teachers, 0.8, 0.3))
     assert value_err < VALUE_RTOL and grad_err < GRAD_RTOL
     assert got[0].dtype == torch.float32 and all(g.dtype == torch.float32 for g in got[1])
 
@@ -260,7 +260,7 @@ def test_float16_and_bfloat16_inputs():
         s, ts = student.to(dtype), [t.to(dtype) for t in teachers]
         loss, grads = dual(s, ts)
         assert loss.dtype == torch.float32 and grads[0].dtype == dtype
-        value_err, grad_err = errors((loss, grads), reference64(s, ts))
+        value_err, grad_err = errors((loss, grads), fkd_reference(s, ts))
         assert value_err < 1e-4 and grad_err < tol
 
 
@@ -361,7 +361,7 @@ def accuracy_table(b=2048, d=64, seed=0):
     for kind in KINDS:
         for level in LEVELS:
             student, teachers = make_case(kind, b, d, level, seed)
-            want = reference64(student, teachers)
+            want = fkd_reference(student, teachers)
             cells = []
             for mode in modes:
                 value, grad = errors(dual(student, teachers, mode=mode), want)

@@ -30,7 +30,7 @@ from harness import (  # noqa: E402
     assert_matches,
     needs_triton,
     needs_triton_gpu,
-    reference64,
+    oracle,
     run,
 )
 
@@ -68,7 +68,7 @@ def test_float16_student_and_teacher_with_a_float32_teacher():
     # dots, but the student's fp16 rounding in its kernel) 1e-4.
     inputs = _inputs(17, (40, 33, 7), F16, kd_weight=1.0, fr_weight=0.5)
     inputs.tensors[2] = inputs.tensors[2].float()
-    got, want = _op_run(inputs), reference64(FKD, inputs, GRAD_OUT)
+    got, want = _op_run(inputs), oracle(FKD, inputs, GRAD_OUT)
     _, terms = FKD.terms(inputs.to64(), GRAD_OUT, F16)
     assert got.loss.dtype == F32
     assert_close(got.loss, want.loss, F32, TOL[F32].value, what="loss")
@@ -83,7 +83,7 @@ def test_ensemble_with_teacher_gradients(monkeypatch, max_slots):
     # being differentiated into a slot of its own).
     monkeypatch.setattr(tfkd, "MAX_TEACHER_SLOTS", max_slots)
     inputs = _inputs(17, (9, 7, 40, 3), kd_weight=0.8, fr_weight=0.1)
-    assert_matches(FKD, _op_run(inputs), reference64(FKD, inputs, GRAD_OUT), inputs, GRAD_OUT)
+    assert_matches(FKD, _op_run(inputs), oracle(FKD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
 def test_only_some_teachers_require_grad():
@@ -91,7 +91,7 @@ def test_only_some_teachers_require_grad():
     inputs.requires_grad = [False, False, True]  # not even the student
     got = _op_run(inputs)
     assert got.grads[:2] == [None, None]
-    assert_matches(FKD, got, reference64(FKD, inputs, GRAD_OUT), inputs, GRAD_OUT)
+    assert_matches(FKD, got, oracle(FKD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
 def test_backward_op_convention():
@@ -110,7 +110,7 @@ def test_zero_rows():
     inputs.tensors[0][[0, 17]] = 0.0
     inputs.tensors[1][3] = 0.0
     zero = (inputs.tensors[0] == 0).all(1)
-    want = reference64(FKD, inputs, GRAD_OUT)
+    want = oracle(FKD, inputs, GRAD_OUT)
     assert_matches(FKD, _op_run(inputs), want, inputs, GRAD_OUT, rows=zero)
 
 
@@ -127,12 +127,12 @@ def test_atomic_reduction(monkeypatch):
     monkeypatch.setattr(tfkd, "DETERMINISTIC", False)  # the module-level setting
     s, t = inputs.tensors
     loss = ops.fkd_forward(s, [t], inputs.options["kd_weight"], 0.3)
-    assert_close(loss, reference64(FKD, inputs).loss, F32, TOL[F32].value)
+    assert_close(loss, oracle(FKD, inputs).loss, F32, TOL[F32].value)
 
 
 def test_public_entry_points():
     inputs = _inputs(17, (12, 5, 9), teacher_grad=False, kd_weight=0.9, fr_weight=0.2)
-    want = reference64(FKD, inputs, GRAD_OUT)
+    want = oracle(FKD, inputs, GRAD_OUT)
     assert_matches(FKD, run(FKD, inputs, "triton", "tiled", GRAD_OUT), want, inputs, GRAD_OUT)
     s, *ts = inputs.tensors
     with torch.no_grad():  # no input requires grad: the plain forward op, not the fused one
@@ -158,7 +158,7 @@ def test_forward_op_compiles_with_its_autograd():
 
     loss = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")(s, t)
     (gs,) = torch.autograd.grad(loss, s)
-    want = reference64(FKD, inputs, 2.0)
+    want = oracle(FKD, inputs, 2.0)
     _, terms = FKD.terms(inputs.to64(), 2.0, F32)
     assert_close(loss, 2.0 * want.loss + 1.0, F32, TOL[F32].value)
     assert_close(gs, want.grads[0], F32, TOL[F32].grad, terms[0])
@@ -203,7 +203,7 @@ def test_block_config():
 @needs_triton_gpu
 def test_gpu_tf32_and_cuda_backend(monkeypatch):
     inputs = _inputs(1000, (512, 768), teacher_grad=False, kd_weight=1.0, fr_weight=0.0)
-    want = reference64(FKD, inputs)
+    want = oracle(FKD, inputs)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
     got = _op_run(inputs, 1.0)
     # TF32 rounds the fp32 operands to 10 mantissa bits (2^-11 relative) in both products

@@ -29,7 +29,7 @@ from harness import (
     bad_call,
     cases,
     check_op_calls,
-    reference64,
+    oracle,
     run,
 )
 
@@ -155,7 +155,7 @@ def test_value_and_gradients_match_float64_reference(case: Case):
     op = OPS[case.op]
     inputs = op.inputs(case)
     got = run(op, inputs, case.backend, case.algorithm, GRAD_OUT)
-    want = reference64(op, inputs, GRAD_OUT)
+    want = oracle(op, inputs, GRAD_OUT)
     assert got.loss.device.type == case.device
     assert_matches(op, got, want, inputs, GRAD_OUT, what=case.id)
 
@@ -308,7 +308,7 @@ def test_non_contiguous_inputs(case: Case):
     inputs.tensors = [_strided(t, i == 0) for i, t in enumerate(inputs.tensors)]
     assert not any(t.is_contiguous() for t in inputs.tensors)
     got = run(op, inputs, case.backend, case.algorithm, GRAD_OUT)
-    assert_matches(op, got, reference64(op, inputs, GRAD_OUT), inputs, GRAD_OUT, what=case.id)
+    assert_matches(op, got, oracle(op, inputs, GRAD_OUT), inputs, GRAD_OUT, what=case.id)
 
 
 NAN_CASES = [
@@ -329,7 +329,7 @@ def test_nan_in_features_propagates(case: Case):
     op = OPS[case.op]
     inputs = op.inputs(case)
     inputs.tensors[0][2, 1] = float("nan")
-    assert torch.isnan(reference64(op, inputs).loss)
+    assert torch.isnan(oracle(op, inputs).loss)
     assert torch.isnan(run(op, inputs, case.backend, case.algorithm, GRAD_OUT).loss)
 
 
@@ -422,7 +422,7 @@ def test_the_judgement_is_not_roundoff_relative():
     a few ulps of the terms passes, an error of 1e-3 of them fails, whatever the roundoff."""
     op = OPS["fkd"]
     inputs = op.inputs(Case("fkd", "cpu", F64, 1, (5, 3)))
-    want = reference64(op, inputs, GRAD_OUT).grads[1]
+    want = oracle(op, inputs, GRAD_OUT).grads[1]
     _, terms = op.terms(inputs.to64(), GRAD_OUT, F64)
     size = terms[1].max().item()
     assert size > 0 and want.abs().max().item() <= 1e-12 * size

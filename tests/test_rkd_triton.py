@@ -27,7 +27,7 @@ from harness import (  # noqa: E402
     assert_matches,
     needs_cpu_kernels,
     needs_triton,
-    reference64,
+    oracle,
 )
 
 import fastkd.triton  # noqa: E402, F401  (registers the fastkd_triton ops)
@@ -47,7 +47,7 @@ def test_forward_op_autograd_with_upstream_gradient():
     loss = ops.rkd_forward(s, t)
     loss.backward(torch.tensor(-3.0, device=loss.device))
     got = Result(loss.detach(), [s.grad, t.grad])
-    assert_matches(RKD, got, reference64(RKD, inputs, -3.0), inputs, -3.0)
+    assert_matches(RKD, got, oracle(RKD, inputs, -3.0), inputs, -3.0)
 
 
 @needs_cpu_kernels
@@ -70,7 +70,7 @@ def test_duplicate_rows():
     s, _ = inputs.tensors
     s[7] = s[3]
     loss, gs, gt = ops.rkd_forward_backward(*inputs.tensors, True)
-    assert_matches(RKD, Result(loss, [gs, gt]), reference64(RKD, inputs), inputs)
+    assert_matches(RKD, Result(loss, [gs, gt]), oracle(RKD, inputs), inputs)
 
 
 def test_bad_input():

@@ -17,7 +17,7 @@ from harness import (
     assert_close,
     assert_matches,
     needs_cpu_kernels,
-    reference64,
+    oracle,
     run,
 )
 from srd_helpers import (
@@ -49,7 +49,7 @@ def test_large_offset_and_near_constant_columns(dtype, training):
     assert_close(got.loss, oracle.loss, dtype, TOL[dtype].value, value_terms, "loss")
     for i in range(2):
         assert_close(got.grads[i], oracle.grads[i], dtype, TOL[dtype].grad, terms[i], f"grad[{i}]")
-    ref_bufs = reference64(SRD, inputs, GRAD_OUT).buffers
+    ref_bufs = oracle(SRD, inputs, GRAD_OUT).buffers
     for b, rb in zip(got.buffers, ref_bufs, strict=True):
         assert_close(b, rb, F32, 1e-6)
 
@@ -62,7 +62,7 @@ def test_zero_variance_columns(p):
     teacher[:, 1] = -1.25
     student[:, 2], teacher[:, 2] = 7.0, 7.0  # both constant: d = 0
     got = run(SRD, inputs, "cpu", "auto", GRAD_OUT)
-    assert_matches(SRD, got, reference64(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
+    assert_matches(SRD, got, oracle(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
     assert torch.all(got.grads[0][:, 2] == 0) and torch.all(got.grads[1][:, 2] == 0)
 
 
@@ -77,7 +77,7 @@ def test_non_finite_inputs_propagate_and_leave_running_stats(bad):
     inputs = SRD.inputs(srd_case(9, 5))
     inputs.tensors[0][3, 2] = bad
     got = run(SRD, inputs, "cpu")
-    want = reference64(SRD, inputs)
+    want = oracle(SRD, inputs)
     assert math.isnan(got.loss.item()) and math.isnan(want.loss.item())
     assert torch.isnan(got.grads[0]).any()
     assert torch.equal(got.buffers[0], inputs.buffers[0])
@@ -87,7 +87,7 @@ def test_non_finite_inputs_propagate_and_leave_running_stats(bad):
     assert_close(got.buffers[2], want.buffers[2], F32, 1e-6)
     # Eval mode: an Inf feature gives an infinite loss, NaN a NaN one, as in the reference.
     inputs.options["training"] = False
-    loss, want = run(SRD, inputs, "cpu").loss, reference64(SRD, inputs).loss
+    loss, want = run(SRD, inputs, "cpu").loss, oracle(SRD, inputs).loss
     assert (math.isnan(loss.item()) and math.isnan(want.item())) or loss.item() == want.item()
 
 
@@ -111,7 +111,7 @@ def test_mixed_dtype_inputs_run_in_float64():
     got = run(SRD, inputs, "cpu", "auto", GRAD_OUT)
     assert got.loss.dtype == F64  # float64 if an input is float64
     assert got.grads[0].dtype == F32 and got.grads[1].dtype == F64
-    want = reference64(SRD, inputs, GRAD_OUT)
+    want = oracle(SRD, inputs, GRAD_OUT)
     _, terms = SRD.terms(inputs.to64(), GRAD_OUT, F32)
     assert_close(got.loss, want.loss, F64, TOL[F64].value)
     assert_close(got.grads[0], want.grads[0], F32, TOL[F32].grad, terms[0])
@@ -138,7 +138,7 @@ def test_backend_table_and_reference_backend():
 def test_batch_of_one_is_fine_in_eval_mode():
     inputs = SRD.inputs(srd_case(1, 3, training=False))
     got = run(SRD, inputs, "cpu", "auto", GRAD_OUT)
-    assert_matches(SRD, got, reference64(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
+    assert_matches(SRD, got, oracle(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
 # --- SRDLoss ------------------------------------------------------------------------------------

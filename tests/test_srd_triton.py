@@ -22,7 +22,7 @@ from harness import (  # noqa: E402
     assert_matches,
     needs_cpu_kernels,
     needs_triton,
-    reference64,
+    oracle,
     run,
 )
 from srd_helpers import SRD, check_identical_inputs, check_nan_keeps_student_stats, srd_case  # noqa: E402
@@ -65,7 +65,7 @@ def test_small_tiles_match_reference(small_tiles, shape, p, dtype, training):
     # the default tiles run the same grid in test_ops.py
     inputs = SRD.inputs(srd_case(*shape, dtype, p, training, backend="triton"))
     got = run(SRD, inputs, "triton", "auto", GRAD_OUT)
-    assert_matches(SRD, got, reference64(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
+    assert_matches(SRD, got, oracle(SRD, inputs, GRAD_OUT), inputs, GRAD_OUT)
 
 
 @needs_cpu_kernels

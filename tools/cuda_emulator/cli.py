@@ -4,9 +4,27 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from tools.cuda_emulator import build as emu
-from tools.cuda_emulator.verdict import Check
+
+
+@dataclass(frozen=True)
+class Check:
+    """One comparison: passes when ``error <= tol``. The reference comparisons give
+    ``fastkd.testing.error_ratio`` (the error over what the judgement allows) with tol 1; the
+    exact checks (split count, NaN, identical inputs) give 0 or 1 with tol 0."""
+
+    name: str
+    error: float
+    tol: float
+
+    @property
+    def ok(self) -> bool:
+        return self.error <= self.tol
+
+    def __str__(self) -> str:
+        return f"{self.name}={self.error:.1e}" + ("" if self.ok else f" (> {self.tol:.0e})")
 
 
 def report(case, checks: Sequence[Check], out) -> str:

@@ -2,9 +2,10 @@
 
 ``run(exe, case)`` runs fkd_forward, fkd_backward (scaled by the case's upstream gradient) and
 fkd_forward_backward as fkd_binding.cpp calls them; ``verdicts(case, outputs)`` compares the loss
-and every gradient with ``fastkd.reference.fkd_loss`` + autograd in float64 on scales from
-``verdict.py``. tests/emulator/test_fkd_emulator.py runs every case as a pytest case; from the
-command line (a few minutes for all cases on two cores; one OS thread per CUDA thread)::
+and every gradient with ``fastkd.reference.fkd_loss`` + autograd in float64, judged by
+``fastkd.testing`` (tolerances ``TOL[("fkd", dtype)]``). tests/emulator/test_fkd_emulator.py runs
+every case as a pytest case; from the command line (a few minutes for all cases on two cores; one
+OS thread per CUDA thread)::
 
     python -m tools.cuda_emulator.fkd                # AddressSanitizer + UBSan, all cases
     python -m tools.cuda_emulator.fkd --sanitize thread --quick
@@ -18,24 +19,19 @@ from pathlib import Path
 
 import torch
 
-from fastkd import reference
+from fastkd import reference, testing
 from tools.cuda_emulator import build as emu
-from tools.cuda_emulator import verdict
-from tools.cuda_emulator.cli import main_for
-from tools.cuda_emulator.verdict import Check
+from tools.cuda_emulator.cli import Check, main_for
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# Loss: relative to the reference. Gradients: relative to verdict.grad_scale, after the rounding
-# of the result to the input dtype (which any kernel pays).
-LOSS_TOL = {F64: 1e-12, F32: 1e-5, F16: 1e-5, BF16: 1e-5}
-GRAD_TOL = {F64: 1e-12, F32: 1e-5, F16: 2e-3, BF16: 1e-2}
 # float32 on TF32 tensor cores (FkdArgs::precision, SPEC §6), by the code of the driver's
-# PRECISION argument. tf32x3 keeps the float32 tolerances (measured: loss <= 5e-8, gradients
-# <= 7e-7). tf32 rounds every operand to 10 mantissa bits (2^-11 ~ 4.9e-4 relative each;
-# measured: loss <= 2.3e-5, gradients <= 1.6e-3), and its roundoff slack counts in that unit.
+# PRECISION argument. tf32x3 keeps the float32 tolerances of fastkd.testing (measured: loss
+# <= 5e-8, gradients <= 7e-7). tf32 rounds every operand to 10 mantissa bits (2^-11 ~ 4.9e-4
+# relative each; measured: loss <= 2.3e-5, gradients <= 1.6e-3), and its roundoff slack counts in
+# that unit.
 PRECISIONS = {"ieee": 0, "tf32": 1, "tf32x3": 2}
-TF32_LOSS_TOL = {"tf32": 1e-4, "tf32x3": 1e-5}
-TF32_GRAD_TOL = {"tf32": 5e-3, "tf32x3": 1e-5}
+TF32_LOSS_TOL = {"tf32": 1e-4}
+TF32_GRAD_TOL = {"tf32": 5e-3}
 TF32_EPS = 2.0**-11  # unit roundoff of a TF32 operand (10 stored mantissa bits)
 
 
@@ -67,11 +63,11 @@ class Case:
 
     @property
     def loss_tol(self) -> float:
-        return TF32_LOSS_TOL.get(self.precision, LOSS_TOL[self.dtype])
+        return TF32_LOSS_TOL.get(self.precision, testing.tolerance(self.dtype, "fkd").value)
 
     @property
     def grad_tol(self) -> float:
-        return TF32_GRAD_TOL.get(self.precision, GRAD_TOL[self.dtype])
+        return TF32_GRAD_TOL.get(self.precision, testing.tolerance(self.dtype, "fkd").grad)
 
     @property
     def id(self) -> str:
@@ -185,38 +181,41 @@ def run(exe: Path, case: Case) -> Outputs:
         )
 
 
-def reference64(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Loss and gradients (grad = 1) of the case's inputs, float64 reference + autograd."""
+def expected(case: Case) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and gradients (grad = 1; the teachers' only if teachers_grad) of the case's inputs:
+    ``fastkd.testing.reference64`` of ``fastkd.reference.fkd_loss``."""
     student, teachers = make_inputs(case)
-    s = student.double().requires_grad_()
-    ts = [t.double().requires_grad_(case.teachers_grad) for t in teachers]
-    loss = reference.fkd_loss(s, ts, case.kd, case.fr)
-    grads = torch.autograd.grad(loss, [s] + (ts if case.teachers_grad else []))
-    return loss.detach(), [g.detach() for g in grads]
+    flags = [True] + [case.teachers_grad] * len(teachers)
+    loss, grads = testing.reference64(
+        lambda s, *ts: reference.fkd_loss(s, list(ts), case.kd, case.fr),
+        [student, *teachers],
+        flags,
+    )
+    return loss, [g for g in grads if g is not None]
 
 
 def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
-    """Every comparison of ``out`` with the reference (``reference64(case)`` unless given)."""
+    """Every comparison of ``out`` with the reference (``expected(case)`` unless given), judged
+    by ``fastkd.testing.error_ratio`` on the terms of ``fastkd.testing.fkd_terms``."""
     student, teachers = make_inputs(case)
-    ref_loss, ref_grads = reference64(case) if ref is None else ref
+    ref_loss, ref_grads = expected(case) if ref is None else ref
+    value_terms = testing.fkd_terms(student, teachers, case.kd, case.fr)[0]
+    # tf32: operands rounded to TF32, so roundoff slack counts in TF32 units, not float32 ones
+    unit = TF32_EPS / testing.accumulation_eps(case.dtype) if case.precision == "tf32" else 1.0
     checks = [
-        Check(name, verdict.relative_error(loss, ref_loss, abs(ref_loss.item())), case.loss_tol)
+        Check(
+            name,
+            testing.error_ratio(loss, ref_loss, case.dtype, case.loss_tol, value_terms * unit),
+            1.0,
+        )
         for name, loss in (("loss", out.loss), ("loss_fb", out.loss_fb))
     ]
-    tol = case.grad_tol
     labels = ["student"] + [f"teacher{e}" for e in range(len(teachers))]
     for name, grads, factor in (("bwd", out.grads, case.grad), ("fb", out.grads_fb, 1.0)):
-        terms = verdict.fkd_grad_terms(student, teachers, case.kd, case.fr, factor)
+        terms = testing.fkd_terms(student, teachers, case.kd, case.fr, factor)[1]
         for label, got, want, t in zip(labels, grads, ref_grads, terms, strict=False):
-            want = factor * want
-            slack = verdict.roundoff(t, case.dtype)
-            if case.precision == "tf32":  # operands rounded to TF32, not float32
-                slack *= TF32_EPS / verdict.accumulation_eps(case.dtype)
-            scale = verdict.grad_scale(want, tol, slack=slack)
-            err = verdict.relative_error(got, want, 1.0)
-            # The result is returned in the input dtype: that rounding is no kernel error.
-            excess = max(0.0, err - 2 * verdict.rounding_error(want, case.dtype)) / scale
-            checks.append(Check(f"grad_{label}_{name}", excess, tol))
+            ratio = testing.error_ratio(got, factor * want, case.dtype, case.grad_tol, t * unit)
+            checks.append(Check(f"grad_{label}_{name}", ratio, 1.0))
     if case.expect_splits is not None:
         checks.append(Check("splits", float(out.splits != case.expect_splits), 0.0))
     return checks

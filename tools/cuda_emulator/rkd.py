@@ -18,17 +18,11 @@ from pathlib import Path
 
 import torch
 
-from fastkd import reference
+from fastkd import reference, testing
 from tools.cuda_emulator import build as emu
-from tools.cuda_emulator import verdict
-from tools.cuda_emulator.cli import main_for
-from tools.cuda_emulator.verdict import Check
+from tools.cuda_emulator.cli import Check, main_for
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
-# As tests/test_rkd.py: loss and gradients (relative to verdict.grad_scale); half gradients are
-# also rounded to their dtype. The loss of half inputs is float32 arithmetic on the same values.
-LOSS_TOL = {F64: 1e-10, F32: 1e-5, F16: 1e-5, BF16: 1e-5}
-GRAD_TOL = {F64: 1e-10, F32: 1e-5, F16: 1e-2, BF16: 1e-2}
 
 
 @dataclass(frozen=True)
@@ -153,42 +147,42 @@ def run(exe: Path, case: Case) -> Outputs:
         )
 
 
-def reference64(case: Case):
-    """Loss and gradients (grad = 1; the teacher's None unless teacher_grad), float64."""
-    student, teacher = make_inputs(case)
-    s = student.double().requires_grad_()
-    t = teacher.double().requires_grad_(case.teacher_grad)
-    loss = reference.rkd_distance_loss(s, t)
-    grads = torch.autograd.grad(loss, [s, t] if case.teacher_grad else [s])
-    return loss.detach(), grads[0], (grads[1] if case.teacher_grad else None)
+def expected(case: Case):
+    """Loss and gradients (grad = 1; the teacher's None unless teacher_grad), float64:
+    ``fastkd.testing.reference64`` of ``fastkd.reference.rkd_distance_loss``."""
+    loss, (gs, gt) = testing.reference64(
+        reference.rkd_distance_loss, make_inputs(case), [True, case.teacher_grad]
+    )
+    return loss, gs, gt
 
 
 def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
+    """Every comparison of ``out`` with the reference (``expected(case)`` unless given), judged
+    by ``fastkd.testing.error_ratio`` on the terms of ``fastkd.testing.rkd_terms`` in the operand
+    dtype, with ``TOL[("rkd", dtype)]`` of each side's dtype (or the case's looser ``tol``)."""
     student, teacher = make_inputs(case)
-    ref_loss, ref_gs, ref_gt = reference64(case) if ref is None else ref
+    ref_loss, ref_gs, ref_gt = expected(case) if ref is None else ref
     if case.nan:  # NaN everywhere, as on the CPU and in the reference
         results = [out.loss, out.loss_fb] + [g for pair in out.grads.values() for g in pair]
         nan = all(bool(x.isnan().all()) for x in results if x is not None)
         return [Check("all_nan", 0.0 if nan else 1.0, 0.0)]
-    loss_tol = max(min(LOSS_TOL[case.student_dtype], LOSS_TOL[case.teacher_dtype]), case.tol)
-    scale = abs(ref_loss.item())
+    tols = {d: testing.tolerance(d, "rkd") for d in (case.student_dtype, case.teacher_dtype)}
+    loss_tol = max(min(t.value for t in tols.values()), case.tol)
+    value_terms = testing.rkd_terms(student, teacher, 1.0, case.operand)[0]
     checks = [
-        Check("loss", verdict.relative_error(out.loss, ref_loss, scale), loss_tol),
-        Check("loss_fb", verdict.relative_error(out.loss_fb, ref_loss, scale), loss_tol),
+        Check(name, testing.error_ratio(loss, ref_loss, case.operand, loss_tol, value_terms), 1.0)
+        for name, loss in (("loss", out.loss), ("loss_fb", out.loss_fb))
     ]
     for name, factor in (("bwd", case.grad), ("fb", 1.0)):
-        terms = verdict.rkd_grad_terms(student, teacher, factor)
+        terms = testing.rkd_terms(student, teacher, factor, case.operand)[1]
         gs, gt = out.grads[name]
         sides = [("student", gs, ref_gs, terms[0], case.student_dtype)]
         if case.teacher_grad:
             sides.append(("teacher", gt, ref_gt, terms[1], case.teacher_dtype))
         for label, got, want, t, dtype in sides:
-            tol = max(GRAD_TOL[dtype], case.tol)
-            want = factor * want
-            scale = verdict.grad_scale(want, tol, slack=verdict.roundoff(t, case.operand))
-            checks.append(
-                Check(f"grad_{label}_{name}", verdict.relative_error(got, want, scale), tol)
-            )
+            tol = max(tols[dtype].grad, case.tol)
+            ratio = testing.error_ratio(got, factor * want, case.operand, tol, t)
+            checks.append(Check(f"grad_{label}_{name}", ratio, 1.0))
     if case.expect_splits is not None:
         checks.append(Check("splits", float(out.splits != case.expect_splits), 0.0))
     return checks

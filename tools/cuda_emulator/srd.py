@@ -18,17 +18,12 @@ from pathlib import Path
 
 import torch
 
-from fastkd import reference
+from fastkd import reference, testing
 from tools.cuda_emulator import build as emu
-from tools.cuda_emulator import verdict
-from tools.cuda_emulator.cli import main_for
-from tools.cuda_emulator.verdict import Check
+from tools.cuda_emulator.cli import Check, main_for
 
 F16, BF16, F32, F64 = torch.float16, torch.bfloat16, torch.float32, torch.float64
 EPS = 1e-4
-# Gradients, per features dtype (they are returned in it). The loss and the statistics are
-# float32 arithmetic on the same half-precision values: at most 1e-5.
-TOL = {F64: 1e-10, F32: 1e-5, F16: 3e-3, BF16: 2e-2}
 
 
 @dataclass(frozen=True)
@@ -73,7 +68,7 @@ class Case:
 
 
 # B = 2 is the ill-conditioned batch (every column normalises to +-1: judged on the gradient's
-# terms, verdict.srd_grad_terms); B = 3, D = 1 and `same` test the verdict on (near-)zero results.
+# terms, fastkd.testing.srd_terms); B = 3, D = 1 and `same` test the verdict on (near-)zero results.
 CASES = [
     Case(2, 7, F64, 4.0, True, quick=True),
     Case(3, 1, F32, 4.5, True, grad=-0.7, quick=True),
@@ -164,46 +159,50 @@ def run(exe: Path, case: Case) -> Outputs:
         )
 
 
-def reference64(case: Case):
-    """Loss and gradients (grad = 1; the teacher's None unless teacher_grad), float64 reference
-    + autograd on the case's inputs and buffers."""
-    student, teacher = make_inputs(case)
-    s = student.double().requires_grad_()
-    t = teacher.double().requires_grad_(case.teacher_grad)
+def expected(case: Case):
+    """Loss and gradients (grad = 1; the teacher's None unless teacher_grad), float64:
+    ``fastkd.testing.reference64`` of ``fastkd.reference.srd_loss`` on the case's inputs and
+    buffers."""
     bufs = [b.clone() for b in make_buffers(case)]
-    loss = reference.srd_loss(s, t, case.p, EPS, case.training, *bufs)
-    grads = torch.autograd.grad(loss, [s, t] if case.teacher_grad else [s])
-    return loss.detach(), grads[0], (grads[1] if case.teacher_grad else None)
+    loss, (gs, gt) = testing.reference64(
+        lambda s, t: reference.srd_loss(s, t, case.p, EPS, case.training, *bufs),
+        make_inputs(case),
+        [True, case.teacher_grad],
+    )
+    return loss, gs, gt
 
 
 def verdicts(case: Case, out: Outputs, ref=None) -> list[Check]:
+    """Every comparison of ``out`` with the reference (``expected(case)`` unless given), judged
+    by ``fastkd.testing.error_ratio`` on the terms of ``fastkd.testing.srd_terms`` with
+    ``TOL[("srd", dtype)]``; the batch statistics on the terms they are summed from."""
     student, teacher = make_inputs(case)
-    ref_loss, ref_gs, ref_gt = reference64(case) if ref is None else ref
-    tol, acc_tol = TOL[case.dtype], min(TOL[case.dtype], 1e-5)
-    checks = [
-        Check("loss", verdict.relative_error(out.loss, ref_loss, abs(ref_loss.item())), acc_tol)
-    ]
-    # Train mode: judged on the terms too (B = 2 cancels far below them); eval mode has no
-    # cancellation (dz = c h rstd elementwise).
-    terms = verdict.srd_grad_terms(student, teacher, case.p, EPS) if case.training else (0.0, 0.0)
+    ref_loss, ref_gs, ref_gt = expected(case) if ref is None else ref
+    tol = testing.tolerance(case.dtype, "srd")
+    running = None if case.training else make_buffers(case)
+    args = (student, teacher, case.p, EPS, case.training, running)
+    value_terms = testing.srd_terms(*args)[0]
+    ratio = testing.error_ratio(out.loss, ref_loss, case.dtype, tol.value, value_terms)
+    checks = [Check("loss", ratio, 1.0)]
+    terms = testing.srd_terms(*args, grad_out=case.grad)[1]
     sides = [("grad_student", out.grad_student, ref_gs, terms[0])]
     if case.teacher_grad:
         sides.append(("grad_teacher", out.grad_teacher, ref_gt, terms[1]))
     for name, got, want, t in sides:
-        want = case.grad * want
-        scale = verdict.grad_scale(want, tol, terms=abs(case.grad) * t)
-        checks.append(Check(name, verdict.relative_error(got, want, scale), tol))
+        ratio = testing.error_ratio(got, case.grad * want, case.dtype, tol.grad, t)
+        checks.append(Check(name, ratio, 1.0))
     if case.training:
         for name, z, st in (("s", student, out.stats[0]), ("t", teacher, out.stats[1])):
-            mean, var = reference.batch_norm_statistics(z.double())
-            mean_scale = verdict.grad_scale(mean, acc_tol, terms=var.sqrt().max().item())
-            checks.append(
-                Check(f"mean_{name}", verdict.relative_error(st[0], mean, mean_scale), acc_tol)
-            )
-            var_scale = verdict.grad_scale(var, acc_tol)
-            checks.append(
-                Check(f"var_{name}", verdict.relative_error(st[1], var, var_scale), acc_tol)
-            )
+            z = z.double()
+            mean, var = reference.batch_norm_statistics(z)
+            # the terms each statistic is summed from: |z| for the mean, (z - mean)^2 for var
+            mean_terms, var_terms = z.abs().mean(0), var
+            for what, got, want, t in (
+                ("mean", st[0], mean, mean_terms),
+                ("var", st[1], var, var_terms),
+            ):
+                ratio = testing.error_ratio(got, want, case.dtype, tol.value, t)
+                checks.append(Check(f"{what}_{name}", ratio, 1.0))
     if case.same:  # log(tiny) and exactly zero gradients
         log_tiny = torch.tensor(reference.SRD_TINY, dtype=out.loss.dtype).log()
         exact = out.loss.item() == log_tiny.item() and bool((out.grad_student == 0).all())
