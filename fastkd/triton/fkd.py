@@ -44,7 +44,7 @@ for extra memory traffic; it is not implemented.
 
 Ensembles: teachers are passed to the kernels as a tuple (the kernels are specialised, loops
 unrolled, per ensemble size and dtypes; no concatenated copy). At most ``MAX_TEACHER_SLOTS``
-(6 for float32, 4 for float64 inputs: :func:`max_teacher_slots`)
+(6 for float32, 4 for float64 or mixed-dtype inputs: :func:`max_teacher_slots`)
 slots: beyond that, the remaining teachers are normalised and concatenated into one extra slot
 (O(B * sum Dt) memory), whose kernel tile is the sum of theirs. A teacher whose gradient is
 computed always gets its own slot.
@@ -75,14 +75,14 @@ from fastkd.triton import interpreter_enabled
 
 # Teacher tuple slots compiled into one kernel; further teachers share a concatenated slot.
 MAX_TEACHER_SLOTS = 8
-# Fewer slots for wider inputs: each unrolled slot holds pointers and strides in registers, and
-# the backward spills inside its loop from 8 float32 or 6 float64 slots (tools/gpu_static).
+# Fewer slots for wider or mixed inputs: each unrolled slot keeps pointers and strides in
+# registers, and the backward spills inside its loop from 8 float32 slots, 6 float64 slots
+# or 5 mixed-dtype slots (a float16 student with float32 teachers): numbers from the full
+# sweep of tools/gpu_static (python -m tools.gpu_static --sweep full). The slots a call
+# gets: max_teacher_slots(dtype, mixed), with the launch code below; MAX_TEACHER_SLOTS caps
+# every dtype.
 _SLOTS_BY_DTYPE = {torch.float32: 6, torch.float64: 4}
-
-
-def max_teacher_slots(dtype: torch.dtype) -> int:
-    """Teacher slots compiled into one kernel for inputs whose widest dtype is ``dtype``."""
-    return min(MAX_TEACHER_SLOTS, _SLOTS_BY_DTYPE.get(dtype, MAX_TEACHER_SLOTS))
+_MIXED_SLOTS = 4
 
 
 # Default for the ``deterministic`` argument of the ops when it is None.
@@ -398,6 +398,13 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+def max_teacher_slots(dtype: torch.dtype, mixed: bool = False) -> int:
+    """Teacher slots compiled into one kernel for inputs whose widest dtype is ``dtype``
+    (``mixed``: not all inputs have the same dtype)."""
+    cap = min(MAX_TEACHER_SLOTS, _SLOTS_BY_DTYPE.get(dtype, MAX_TEACHER_SLOTS))
+    return min(cap, _MIXED_SLOTS) if mixed else cap
+
+
 def block_config(
     batch: int, widths: list[int], dtype: torch.dtype, interpret: bool, op: str = "fkd"
 ) -> dict:
@@ -470,7 +477,8 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
-        self.max_slots = max_teacher_slots(dtype)
+        mixed = len({x.dtype for x in (student, *teachers)}) > 1
+        self.max_slots = max_teacher_slots(dtype, mixed)
         # IEEE float32, not torch's global TF32 flag: reading allow_tf32 raises in torch 2.14
         # once fp32_precision is set, and a global flag should not change the loss's accuracy.
         self.precision = "ieee"
