@@ -72,6 +72,7 @@ PTX = """
 \tld.param.b32 \t%r3, [k_param_1];
 \tsetp.lt.f64 \t%p2, %rd1, 0d3FB99999A0000000;
 \tfma.rn.f64 \t%rd8, %rd1, 0d3FB999999999999A, 0d3FE0000000000000;
+\tmul.f64 \t%rd10, %rd8, 0d4350000000000000;
 \tmul.wide.s32 \t%rd9, %r4, 8;
 \tmma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%r1}, {%r2}, {%r3}, {%r4};
 \tst.local.b32 \t[%rd2], %r5;
@@ -87,7 +88,8 @@ def test_ptx_stats_flag_float32_scalars_and_rounded_constants():
         ("k_param_3", ".u32"),
     ]
     assert stats.float64 and stats.f32_params == ["k_param_1"]
-    # 0.1 rounded to float32 is flagged; 0.1 in float64 and 0.5 (exact in both) are not
+    # 0.1 rounded to float32 is flagged; 0.1 in float64, 0.5 and 2^54 (binary constants,
+    # exact in both) are not
     assert len(stats.f32_immediates) == 1 and "3FB99999A0000000" in stats.f32_immediates[0]
     assert (stats.mma, stats.wgmma, stats.local_ops, stats.mul_wide) == (1, 0, 1, 1)
 

@@ -49,7 +49,7 @@ for extra memory traffic; it is not implemented.
 
 Ensembles: teachers are passed to the kernels as a tuple (the kernels are specialised, loops
 unrolled, per ensemble size and dtypes; no concatenated copy). At most ``MAX_TEACHER_SLOTS``
-(6 for float32, 4 for float64 inputs: :func:`max_teacher_slots`)
+(6 for float32, 4 for float64 or mixed-dtype inputs: :func:`max_teacher_slots`)
 slots: beyond that, the remaining teachers are normalised and concatenated into one extra slot
 (O(B * sum Dt) memory), whose kernel tile is the sum of theirs. A teacher whose gradient is
 computed always gets its own slot.
@@ -96,14 +96,14 @@ from fastkd.validation import check_features, check_finite_number, check_teacher
 
 # Teacher tuple slots compiled into one kernel; further teachers share a concatenated slot.
 MAX_TEACHER_SLOTS = 8
-# Fewer slots for wider inputs: each unrolled slot holds pointers and strides in registers, and
-# the backward spills inside its loop from 8 float32 or 6 float64 slots (tools/gpu_static).
+# Fewer slots for wider or mixed inputs: each unrolled slot keeps pointers and strides in
+# registers, and the backward spills inside its loop from 8 float32 slots, 6 float64 slots
+# or 5 mixed-dtype slots (a float16 student with float32 teachers): numbers from the full
+# sweep of tools/gpu_static (python -m tools.gpu_static --sweep full). The slots a call
+# gets: max_teacher_slots(dtype, mixed), with the launch code below; MAX_TEACHER_SLOTS caps
+# every dtype.
 _SLOTS_BY_DTYPE = {torch.float32: 6, torch.float64: 4}
-
-
-def max_teacher_slots(dtype: torch.dtype) -> int:
-    """Teacher slots compiled into one kernel for inputs whose widest dtype is ``dtype``."""
-    return min(MAX_TEACHER_SLOTS, _SLOTS_BY_DTYPE.get(dtype, MAX_TEACHER_SLOTS))
+_MIXED_SLOTS = 4
 
 
 # Forward reduction: True sums per-tile partials in a fixed order (bit-identical runs), False
@@ -331,6 +331,13 @@ def _fkd_backward_kernel(
 # --------------------------------------------------------------------------------------------
 
 
+def max_teacher_slots(dtype: torch.dtype, mixed: bool = False) -> int:
+    """Teacher slots compiled into one kernel for inputs whose widest dtype is ``dtype``
+    (``mixed``: not all inputs have the same dtype)."""
+    cap = min(MAX_TEACHER_SLOTS, _SLOTS_BY_DTYPE.get(dtype, MAX_TEACHER_SLOTS))
+    return min(cap, _MIXED_SLOTS) if mixed else cap
+
+
 def _check_inputs(student, teachers, kd_weight, fr_weight) -> tuple[list[Tensor], bool]:
     """Validated teachers (a list) and whether the interpreter runs the kernels."""
     check_features(student, "student")
@@ -356,7 +363,8 @@ class _Problem:
         widths = [student.shape[1]] + [t.shape[1] for t in teachers]
         dtype = max((student, *teachers), key=lambda t: t.element_size()).dtype
         self.cfg = block_config(self.batch, widths, dtype, interpret)
-        self.max_slots = max_teacher_slots(dtype)
+        mixed = len({x.dtype for x in (student, *teachers)}) > 1
+        self.max_slots = max_teacher_slots(dtype, mixed)
         # The op argument, never torch's global TF32 flag (SPEC §6).
         self.precision = dot_precision(precision, self.acc)
         self.sumsq = torch.empty(self.batch, dtype=self.acc, device=student.device)

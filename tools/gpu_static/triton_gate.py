@@ -209,7 +209,7 @@ def _fkd_for_config(sweep, main, dname, s_dt, t_dt, acc, batch, width, cfg, bloc
     # one axis off the base (contiguous, 1 slot, deterministic, the two common flag sets)
     axes = [{}]
     if sweep == "full" and main:
-        slots = _find("max_teacher_slots", *_FKD_MODS)(max(s_dt, t_dt, key=_bits))
+        slots = _find("max_teacher_slots", *_FKD_MODS)(max(s_dt, t_dt, key=_bits), s_dt != t_dt)
         axes += [{"transposed": True}, {"num_t": 3}, {"num_t": slots}, {"atomic": True}]
         axes += [{"flags": _BWD_FLAGS_FULL[2:]}]
     for precision in _precisions(torch.float32 if any_fp32 else s_dt, sweep):
