@@ -24,7 +24,7 @@ def test_precision_reaches_the_kernels(emulator):
     (a loss error far above float32 roundoff), tf32x3 recovers float32 accuracy, and the
     default float32 path differs from both in its bits."""
     base = fkd.Case(3, 7, (64,), fkd.F32, teachers_grad=True)
-    ref_loss, _ = fkd.reference64(base)
+    ref_loss, _ = fkd.expected(base)
     err = {}
     outs = {}
     for precision in fkd.PRECISIONS:
