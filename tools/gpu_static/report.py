@@ -203,7 +203,8 @@ def markdown(results: list[Result], kernels: list[CudaKernel], command: str, swe
         "on tensor cores (float32 `ieee` is full fp32 on the FMA units by definition).",
         "",
         f"Result: **{n_fail} failure(s)**; {len(results)} Triton compilations "
-        f"({seconds:.0f} s of compile time), {len(kernels)} CUDA kernel binaries.",
+        f"({seconds:.0f} s in Triton's compiler this run; cached compilations take none"
+        f"), {len(kernels)} CUDA kernel binaries.",
         "",
     ]
     gaps: dict[str, set] = defaultdict(set)
