@@ -13,7 +13,7 @@ export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
 export MAX_JOBS ?= 2
 CSRC := $(shell find csrc -type f) setup.py
 
-.PHONY: all demo test check-wheel test-gpu bench lint format build clean
+.PHONY: all demo test check-wheel test-gpu gpu-static bench lint format build clean
 
 all: test
 
@@ -53,6 +53,11 @@ check-wheel: build
 # Triton must run compiled there, not in the interpreter the CPU suite uses.
 test-gpu: build
 	TRITON_INTERPRET=0 $(PY) -m pytest -q -ra -m gpu tests
+
+# Static GPU report without a GPU: every Triton kernel compiled for sm_80/sm_90 and the SASS of
+# fastkd._C (make test runs its CI subset through tests/test_gpu_static.py).
+gpu-static: build
+	$(PY) -m tools.gpu_static --sweep full --write docs/gpu-static.md
 
 bench: build
 	$(VENV)/bin/fastkd bench
