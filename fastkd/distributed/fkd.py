@@ -47,6 +47,7 @@ from fastkd.distributed.collectives import (
     require_group,
 )
 from fastkd.distributed.plan import _fkd_shapes, plan_for
+from fastkd.losses._common import save_optional, scaled_optional
 from fastkd.losses.fkd import fkd_loss
 from fastkd.reference import NORM_EPS
 from fastkd.registry import resolve_backend
@@ -141,16 +142,13 @@ class _GlobalFKDDual(torch.autograd.Function):
                     g = _normalize_backward(grad_t[:, cols], parts[e][0], parts[e][1], 1.0 / root)
                     grads[1 + e] = g.to(te.dtype)
                 col = cols.stop
-        ctx.present = [g is not None for g in grads]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        save_optional(ctx, grads)
         return loss.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        out = [next(saved) if present else None for present in ctx.present]
-        return None, None, None, None, *[None if g is None else g * grad.to(g.dtype) for g in out]
+        return None, None, None, None, *scaled_optional(ctx, grad)
 
 
 @torch.compiler.disable(reason=COMPILE_REASON)

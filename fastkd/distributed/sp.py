@@ -30,6 +30,7 @@ from fastkd.distributed.collectives import (
     require_group,
 )
 from fastkd.distributed.fkd import _pack_symmetric, _unpack_symmetric
+from fastkd.losses._common import save_optional, scaled_optional
 from fastkd.losses.sp import ALGORITHMS
 from fastkd.reference import NORM_EPS
 from fastkd.registry import resolve_backend
@@ -111,16 +112,13 @@ class _GlobalSP(torch.autograd.Function):
             if needs[1]:
                 g = next(it) + 2.0 * (ft @ d_gt) + fs @ d_c.T
                 grads[1] = (g * scale).to(teacher.dtype)
-        ctx.present = [g is not None for g in grads]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        save_optional(ctx, grads)
         return loss.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        out = [next(saved) if present else None for present in ctx.present]
-        return None, None, *[None if g is None else g * grad.to(g.dtype) for g in out]
+        return None, None, *scaled_optional(ctx, grad)
 
 
 @torch.compiler.disable(reason=COMPILE_REASON)

@@ -35,6 +35,7 @@ from fastkd.distributed.collectives import (
     handshake,
     require_group,
 )
+from fastkd.losses._common import save_optional, scaled_optional
 from fastkd.losses.srd import ALGORITHMS, SRDLoss
 from fastkd.registry import resolve_backend
 from fastkd.validation import check_algorithm
@@ -123,16 +124,13 @@ class _GlobalSRD(torch.autograd.Function):
                 grads[0] = (g * rstd_s).to(student.dtype)
             if needs[1]:
                 grads[1] = (-g * rstd_t).to(teacher.dtype)
-        ctx.present = [x is not None for x in grads]
-        ctx.save_for_backward(*[x for x in grads if x is not None])
+        save_optional(ctx, grads)
         return loss.to(acc)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        out = [next(saved) if present else None for present in ctx.present]
-        return (None,) * 5 + tuple(None if x is None else x * grad.to(x.dtype) for x in out)
+        return (None,) * 5 + tuple(scaled_optional(ctx, grad))
 
 
 def _check(student, teacher, p, eps, training, buffers: dict, momentum, backend, algorithm):

@@ -25,6 +25,19 @@ def scale_saved(grad_unit: torch.Tensor | None, grad: torch.Tensor) -> torch.Ten
     return None if grad_unit is None else grad_unit * grad.to(grad_unit.dtype)
 
 
+def save_optional(ctx, grads) -> None:
+    """Save the gradients of a Function's tensor inputs (None where not needed) for
+    :func:`scaled_optional`."""
+    ctx.present = [g is not None for g in grads]
+    ctx.save_for_backward(*[g for g in grads if g is not None])
+
+
+def scaled_optional(ctx, grad: torch.Tensor) -> list[torch.Tensor | None]:
+    """The gradients saved by :func:`save_optional`, each times the 0-dim upstream ``grad``."""
+    saved = iter(ctx.saved_tensors)
+    return [scale_saved(next(saved) if present else None, grad) for present in ctx.present]
+
+
 def wants_global(global_batch: object, process_group: object) -> bool:
     """Whether a loss runs over the global batch (:mod:`fastkd.distributed`, SPEC §5).
 

@@ -59,6 +59,7 @@ import re
 import torch
 from torch.autograd.function import once_differentiable
 
+from fastkd.losses._common import save_optional, scaled_optional
 from fastkd.reference import NORM_EPS, loss_dtype
 
 # Override of the Gram dtype for float16/bfloat16/float32 inputs: None (choose from the device,
@@ -342,13 +343,10 @@ class FKDDualFunction(torch.autograd.Function):
                         grad_t[:, cols], t[:, cols], inv_t[e], torch.empty_like(te), 1.0 / root
                     )
                 col += te.shape[1]
-        ctx.present = [g is not None for g in grads]
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        save_optional(ctx, grads)
         return loss.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        saved = iter(ctx.saved_tensors)
-        grads = [next(saved) if present else None for present in ctx.present]
-        return None, None, *[g * grad.to(g.dtype) if g is not None else None for g in grads]
+        return None, None, *scaled_optional(ctx, grad)
